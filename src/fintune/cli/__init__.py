@@ -1,0 +1,51 @@
+"""The `fintune` command line (typer): one sub-module of commands per concern, one error line, never a traceback.
+
+Each ``*_commands`` module defines its commands on the shared :data:`app` and is imported here so that
+registering a command is one import line. :func:`main` is the console-script entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+import typer
+
+from fintune.cli._app import app, err_console
+from fintune.errors import FinTuneError
+
+# Importing a commands module registers its commands on `app`.
+from fintune.cli import data_commands  # noqa: E402,F401  isort: skip
+
+__all__ = ["app", "main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a :class:`FinTuneError` becomes one red line on stderr and its exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = app(args=argv, prog_name="fintune", standalone_mode=False)
+    except FinTuneError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return _exit(exc.exit_code, argv)
+    except click.exceptions.Abort:
+        err_console.print("[bold red]aborted[/]")
+        return _exit(130, argv)
+    except click.ClickException as exc:
+        exc.show()
+        return _exit(exc.exit_code, argv)
+    except click.exceptions.Exit as exc:
+        return _exit(exc.exit_code, argv)
+    return _exit(result if isinstance(result, int) else 0, argv)
+
+
+def _exit(code: int, argv: list[str] | None) -> int:
+    """Exit the process when run as a console script; return the code when called from Python (tests)."""
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

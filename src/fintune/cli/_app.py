@@ -1,0 +1,18 @@
+"""The shared typer application and consoles every commands module registers on."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="fintune",
+    help="FinTune: financial sentiment (negative / neutral / positive) built to survive production.\n\n"
+    "Every command reads a profile (configs/<name>.yaml, default 'cpu'); FINTUNE_* environment variables "
+    "override it (FINTUNE_DATA_DIR, FINTUNE_MONITORING__DRIFT_THRESHOLD, ...).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)

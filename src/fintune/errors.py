@@ -1,0 +1,37 @@
+"""FinTune's exception types: every error a user can meet, each with a message that says what to do.
+
+Every module raises a subclass of :class:`FinTuneError`; the CLI turns one into a single readable line and a
+non-zero exit code, and the service turns one into a 4xx/5xx body. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+
+class FinTuneError(Exception):
+    """Base class of every error FinTune raises on purpose; its message is meant for the user."""
+
+    exit_code: int = 2
+
+
+class ConfigError(FinTuneError):
+    """A profile is unknown, unreadable or holds an invalid value."""
+
+
+class DataError(FinTuneError):
+    """Base class of data-loading problems."""
+
+
+class DataNotFoundError(DataError):
+    """Financial PhraseBank could be found neither locally nor on the hub."""
+
+
+class DataFormatError(DataError):
+    """A data file holds a line that is not `sentence@label` with a known label."""
+
+
+class UnknownSubsetError(DataError):
+    """A subset name is not one of 50agree, 66agree, 75agree, allagree."""
+
+
+class ArtifactError(FinTuneError):
+    """A saved artifact (pipeline, adapter, baseline) is missing or does not match the data it is used with."""
