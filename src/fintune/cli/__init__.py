@@ -10,7 +10,6 @@ import logging
 import sys
 
 import click
-import typer
 
 from fintune.cli._app import app, err_console
 from fintune.errors import FinTuneError
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="fintune", standalone_mode=False)
     except FinTuneError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return _exit(exc.exit_code, argv)
     except click.exceptions.Abort:
         err_console.print("[bold red]aborted[/]")
@@ -46,6 +45,3 @@ def _exit(code: int, argv: list[str] | None) -> int:
         sys.exit(code)
     return code
 
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -1,0 +1,58 @@
+"""Shared fixtures: offline hub, the shared Financial PhraseBank (skip when absent), a tiny PhraseBank on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Nothing may need the Hugging Face hub at test time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from fintune.data import SHARED_DATA_DIR  # noqa: E402
+
+TINY_SENTENCES = {
+    "negative": "Operating profit fell to EUR {n}.{m} mn from EUR {k}.0 mn in the corresponding period .",
+    "neutral": "The company will publish its interim report for period {n} on {m} April .",
+    "positive": "Net sales increased by {n} % to EUR {k}.{m} mn , the company said .",
+}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_fintune_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No FINTUNE_* variable from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("FINTUNE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real Financial PhraseBank beside the project; the test is skipped when it is absent."""
+    if not (SHARED_DATA_DIR / "Sentences_50Agree.txt").is_file():
+        pytest.skip(f"Financial PhraseBank is not at {SHARED_DATA_DIR} (CC BY-NC-SA: read by path, never committed)")
+    return SHARED_DATA_DIR
+
+
+def write_tiny_phrasebank(folder: Path, per_label: int = 20) -> Path:
+    """A small, well-formed PhraseBank in the original format and encodings, for unit tests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"{template.format(n=i + 1, m=(i * 7) % 10, k=i + 30)}@{label}"
+        for label, template in TINY_SENTENCES.items()
+        for i in range(per_label)
+    ]
+    lines.append("Kone 's order intake in Q3 was flat , said Hämäläinen .@neutral")  # a non-ASCII name
+    body = "\n".join(lines) + "\n"
+    for name in ("Sentences_50Agree.txt", "Sentences_66Agree.txt", "Sentences_75Agree.txt"):
+        (folder / name).write_bytes(body.encode("iso-8859-1"))
+    (folder / "Sentences_AllAgree.txt").write_bytes(body.encode("utf-8"))
+    return folder
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path: Path) -> Path:
+    """A folder holding a tiny PhraseBank (61 unique sentences per subset)."""
+    return write_tiny_phrasebank(tmp_path / "phrasebank")

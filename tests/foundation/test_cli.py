@@ -1,0 +1,76 @@
+"""The `fintune` command line: --help everywhere, tables on success, one error line and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fintune.cli import app, main
+
+
+def run_cli(capfd: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def test_every_command_has_help(capfd: pytest.CaptureFixture[str]) -> None:
+    names = [command.name for command in app.registered_commands]
+    assert {"data", "baselines"} <= set(names)
+    for name in names:
+        code, out, _ = run_cli(capfd, name, "--help")
+        assert code == 0 and "Usage" in out, name
+
+
+def test_data_prints_counts_per_subset(capfd: pytest.CaptureFixture[str], tiny_data_dir: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(tiny_data_dir))
+    code, out, _ = run_cli(capfd, "data")
+    assert code == 0
+    for subset in ("50agree", "66agree", "75agree", "allagree"):
+        assert subset in out
+    assert "61" in out
+
+
+def test_baselines_writes_comparison(capfd: pytest.CaptureFixture[str], tiny_data_dir: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(tiny_data_dir))
+    monkeypatch.setenv("FINTUNE_BASELINES__LATENCY_SAMPLES", "10")
+    monkeypatch.setenv("FINTUNE_BASELINES__RANDOM_FOREST_TREES", "10")
+    code, out, _ = run_cli(capfd, "baselines", "--subset", "50agree", "--output-dir", str(tmp_path))
+    assert code == 0
+    assert set(json.loads((tmp_path / "comparison.json").read_text())["models"]) == {
+        "logistic_regression", "random_forest", "linear_svc"}
+    assert "linear_svc" in out and "macro-F1" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["baselines", "--subset", "90agree"], {}, "unknown subset '90agree'"),
+        (["data"], {"FINTUNE_DATA_DIR": "/nonexistent/phrasebank"}, "does not exist"),
+        (["data", "--profile", "nope"], {}, "unknown profile 'nope'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                                          args: list[str], env: dict[str, str], message: str) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, _, err = run_cli(capfd, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert err.startswith("error:")
+
+
+def test_malformed_line_through_the_installed_command(tmp_path: Path) -> None:
+    (tmp_path / "Sentences_50Agree.txt").write_text("Profit rose .@positive\nthis line has no label\n")
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "fintune"), "baselines"], capture_output=True, text=True,
+        env={"FINTUNE_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, check=False,
+    )
+    assert result.returncode == 2
+    assert "line 2: expected 'sentence@label'" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,68 @@
+"""Profiles: YAML values, FINTUNE_* overrides, and one readable error for every bad profile."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fintune.config import available_profiles, load_settings
+from fintune.errors import ConfigError
+
+
+def test_default_profile_is_cpu_with_documented_defaults() -> None:
+    settings = load_settings()
+    assert settings.profile == "cpu"
+    assert settings.model.lora.r == 16 and settings.model.lora.alpha == 32
+    assert settings.model.quantization.quant_type == "nf4" and settings.model.quantization.double_quant
+    assert settings.monitoring.drift_threshold == 0.15
+    assert settings.reliability.failure_threshold == 5
+
+
+def test_every_shipped_profile_loads() -> None:
+    profiles = available_profiles()
+    assert {"cpu", "tiny-mistral", "mistral-7b"} <= set(profiles)
+    for name in profiles:
+        assert load_settings(name).profile == name
+
+
+def test_environment_overrides_profile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("FINTUNE_MONITORING__DRIFT_THRESHOLD", "0.3")
+    monkeypatch.setenv("FINTUNE_DATA__SUBSET", "allagree")
+    settings = load_settings("cpu")
+    assert settings.data_dir == tmp_path
+    assert settings.monitoring.drift_threshold == 0.3
+    assert settings.data.subset == "allagree"
+
+
+def test_fintune_profile_picks_the_profile_and_explicit_name_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_PROFILE", "tiny-mistral")
+    assert load_settings().profile == "tiny-mistral"
+    assert load_settings("mistral-7b").profile == "mistral-7b"
+
+
+def test_unknown_profile_names_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match=r"unknown profile 'nope'.*Known profiles: .*cpu"):
+        load_settings("nope")
+
+
+def test_invalid_value_names_the_field(tmp_path: Path) -> None:
+    profile = tmp_path / "bad.yaml"
+    profile.write_text("data:\n  test_fraction: 0.9\n")
+    with pytest.raises(ConfigError, match=r"data\.test_fraction"):
+        load_settings(str(profile))
+
+
+def test_misspelt_key_is_an_error_not_ignored(tmp_path: Path) -> None:
+    profile = tmp_path / "typo.yaml"
+    profile.write_text("monitoring:\n  drift_treshold: 0.2\n")
+    with pytest.raises(ConfigError, match=r"monitoring\.drift_treshold"):
+        load_settings(str(profile))
+
+
+def test_profile_that_is_not_a_mapping(tmp_path: Path) -> None:
+    profile = tmp_path / "list.yaml"
+    profile.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_settings(str(profile))
