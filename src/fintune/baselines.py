@@ -99,6 +99,7 @@ def run_baselines(
     progress: Callable[[Iterable[str]], Iterable[str]] = iter,
 ) -> dict[str, Any]:
     """Train, score and save every configured baseline; returns what ``comparison.json`` holds."""
+    started = time.perf_counter()
     models: dict[str, dict[str, Any]] = {}
     for name in progress(cfg.models):
         pipeline, result = train_and_score(name, splits, cfg)
@@ -112,6 +113,7 @@ def run_baselines(
         "data": splits.describe(),
         "settings": cfg.model_dump(),
         "best_by_macro_f1": max(models, key=lambda n: models[n]["macro_f1"]),
+        "total_seconds": round(time.perf_counter() - started, 2),
         "models": models,
     }
     write_json(output_dir / COMPARISON_FILE, comparison)

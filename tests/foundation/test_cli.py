@@ -74,3 +74,12 @@ def test_malformed_line_through_the_installed_command(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "line 2: expected 'sentence@label'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_settings_shows_profiles_and_env_overrides(capfd: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    code, out, _ = run_cli(capfd, "settings", "--list")
+    assert code == 0 and "cpu" in out and "mistral-7b" in out
+    monkeypatch.setenv("FINTUNE_MONITORING__DRIFT_THRESHOLD", "0.25")
+    code, out, _ = run_cli(capfd, "settings", "cpu")
+    assert code == 0 and "drift_threshold: 0.25" in out and "profile: cpu" in out

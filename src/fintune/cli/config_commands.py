@@ -1,0 +1,25 @@
+"""`fintune settings`: the effective settings of a profile after environment overrides, as YAML."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+import yaml
+
+from fintune.cli._app import app, console
+from fintune.config import available_profiles, load_settings
+
+
+@app.command("settings")
+def settings_command(
+    profile: Annotated[str | None, typer.Argument(help="Profile name or path to a .yaml file (default: cpu).")] = None,
+    list_profiles: Annotated[bool, typer.Option("--list", help="Only list the profiles in configs/.")] = False,
+) -> None:
+    """Print every setting of a profile as YAML, with FINTUNE_* environment overrides applied."""
+    if list_profiles:
+        for name in available_profiles():
+            console.print(f"{name:<14} {load_settings(name).description}", highlight=False)
+        return
+    values = load_settings(profile).model_dump(mode="json")
+    console.print(yaml.safe_dump(values, sort_keys=False, allow_unicode=True), highlight=False, soft_wrap=True)
