@@ -35,3 +35,20 @@ class UnknownSubsetError(DataError):
 
 class ArtifactError(FinTuneError):
     """A saved artifact (pipeline, adapter, baseline) is missing or does not match the data it is used with."""
+
+
+class CircuitOpenError(FinTuneError):
+    """The circuit breaker is OPEN (or its HALF_OPEN trials are taken): the call was rejected unrun."""
+
+    def __init__(self, name: str, state: str, retry_after_s: float) -> None:
+        self.breaker_name = name
+        self.state = state
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"circuit breaker {name!r} is {state}: the model failed repeatedly and is not being called; "
+            f"retry in {retry_after_s:.1f} s"
+        )
+
+
+class RecoveryError(FinTuneError):
+    """Automatic recovery gave up (the model could not be reloaded within the allowed attempts)."""

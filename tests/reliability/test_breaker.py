@@ -1,0 +1,281 @@
+"""CircuitBreaker: real failing callables, real threads, asyncio, and an injected clock instead of sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from fintune.config import ReliabilitySettings
+from fintune.errors import CircuitOpenError, ConfigError
+from fintune.reliability import BreakerState, CircuitBreaker, Transition
+
+
+class ManualClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FlakyModel:
+    """A model callable that raises ConnectionError for its first `failures` calls, then answers."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls = 0
+
+    def __call__(self, text: str) -> str:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError(f"backend down (call {self.calls})")
+        return f"positive:{text}"
+
+
+def make(clock: ManualClock, **overrides: object) -> CircuitBreaker:
+    settings = ReliabilitySettings(**overrides)
+    return CircuitBreaker.from_settings(settings, clock=clock)
+
+
+def fail_times(breaker: CircuitBreaker, model: FlakyModel, n: int) -> None:
+    for _ in range(n):
+        with pytest.raises(ConnectionError):
+            breaker.call(model, "x")
+
+
+def test_opens_at_exactly_the_threshold_and_rejects_without_calling_the_model() -> None:
+    clock, model = ManualClock(), FlakyModel(failures=100)
+    breaker = make(clock)  # defaults: 5 failures, 30 s
+
+    fail_times(breaker, model, 4)
+    assert breaker.state is BreakerState.CLOSED
+    fail_times(breaker, model, 1)
+    assert breaker.state is BreakerState.OPEN
+    assert model.calls == 5
+
+    for _ in range(50):
+        with pytest.raises(CircuitOpenError) as info:
+            breaker.call(model, "x")
+    assert model.calls == 5, "an OPEN breaker must not call the model"
+    assert info.value.retry_after_s == pytest.approx(30.0)
+    assert breaker.snapshot()["rejections"] == 50
+
+
+def test_success_resets_the_streak() -> None:
+    clock = ManualClock()
+    breaker = make(clock, failure_threshold=3)
+    fail_times(breaker, FlakyModel(100), 2)
+    assert breaker.call(FlakyModel(0), "ok") == "positive:ok"
+    fail_times(breaker, FlakyModel(100), 2)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_trial_after_timeout_closes_on_success() -> None:
+    clock, model = ManualClock(), FlakyModel(failures=5)
+    breaker = make(clock)
+    fail_times(breaker, model, 5)
+
+    clock.advance(29.9)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(model, "x")
+    assert breaker.retry_after_s() == pytest.approx(0.1)
+    clock.advance(0.1)
+    assert breaker.call(model, "x") == "positive:x"
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.snapshot()["consecutive_failures"] == 0
+
+
+def test_failed_trial_reopens_and_restarts_the_timeout() -> None:
+    clock, model = ManualClock(), FlakyModel(failures=6)
+    breaker = make(clock)
+    fail_times(breaker, model, 5)
+    clock.advance(30)
+    fail_times(breaker, model, 1)  # the trial fails
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(29)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(model, "x")
+    clock.advance(1)
+    assert breaker.call(model, "x") == "positive:x"
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_listeners_hear_every_transition_and_a_broken_listener_is_harmless() -> None:
+    clock, model = ManualClock(), FlakyModel(failures=3)
+    events: list[Transition] = []
+
+    def broken(_: Transition) -> None:
+        raise RuntimeError("listener bug")
+
+    breaker = make(clock, failure_threshold=2)
+    breaker.add_listener(broken)
+    breaker.add_listener(events.append)
+    fail_times(breaker, model, 2)
+    clock.advance(30)
+    fail_times(breaker, model, 1)
+    clock.advance(30)
+    breaker.call(model, "x")
+
+    assert [(e.old.value, e.new.value) for e in events] == [
+        ("closed", "open"),
+        ("open", "half_open"),
+        ("half_open", "open"),
+        ("open", "half_open"),
+        ("half_open", "closed"),
+    ]
+    assert breaker.snapshot()["transitions"] == {"closed->open": 1, "open->half_open": 2, "half_open->open": 1,
+                                                 "half_open->closed": 1}
+
+
+def test_half_open_admits_only_the_configured_number_of_trials() -> None:
+    """Two trial slots: two slow trials run concurrently in real threads, a third call is rejected."""
+    clock = ManualClock()
+    breaker = make(clock, failure_threshold=1, half_open_max_calls=2)
+    fail_times(breaker, FlakyModel(1), 1)
+    clock.advance(30)
+
+    started, release = threading.Barrier(3), threading.Event()
+    results: list[str] = []
+
+    def slow_trial() -> str:
+        started.wait(timeout=5)
+        release.wait(timeout=5)
+        return "ok"
+
+    threads = [threading.Thread(target=lambda: results.append(breaker.call(slow_trial))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=5)  # both trials are inside the breaker now
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(lambda: "third")
+    assert info.value.state == "half_open"
+    assert breaker.state is BreakerState.HALF_OPEN
+    release.set()
+    for t in threads:
+        t.join(timeout=5)
+    assert results == ["ok", "ok"]
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_only_counted_exceptions_are_failures_and_business_errors_are_excluded() -> None:
+    clock = ManualClock()
+    breaker = make(clock, failure_threshold=2, counted_exceptions=["OSError", "fintune.errors.DataError"],
+                   ignored_exceptions=["FileNotFoundError"])
+
+    def raise_(exc: BaseException) -> None:
+        raise exc
+
+    # FileNotFoundError is an OSError (counted) but listed as ignored; KeyError is not counted at all.
+    for exc in [FileNotFoundError("business"), FileNotFoundError("again"), KeyError("a"), KeyError("b")]:
+        with pytest.raises(type(exc)):
+            breaker.call(raise_, exc)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.snapshot()["ignored_errors"] == 4
+    assert breaker.snapshot()["failures"] == 0
+    from fintune.errors import DataFormatError
+
+    for exc in [ConnectionResetError("counted"), DataFormatError("counted subclass")]:
+        with pytest.raises(type(exc)):
+            breaker.call(raise_, exc)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_unknown_exception_name_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="NoSuchError"):
+        make(ManualClock(), counted_exceptions=["NoSuchError"])
+    with pytest.raises(ConfigError, match="not an exception"):
+        make(ManualClock(), counted_exceptions=["fintune.config.load_settings"])
+
+
+def test_slow_calls_count_as_failures_but_still_return() -> None:
+    clock = ManualClock()
+    breaker = make(clock, failure_threshold=2, slow_call_limit_s=1.0)
+
+    def slow() -> str:
+        clock.advance(1.5)
+        return "late"
+
+    assert breaker.call(slow) == "late"
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.call(slow) == "late"
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.snapshot()["slow_calls"] == 2
+
+
+def test_concurrent_failures_open_once_and_late_results_do_not_flap() -> None:
+    """Eight real threads fail at once against a threshold of 5: one CLOSED->OPEN, all eight failures counted."""
+    clock = ManualClock()
+    breaker = make(clock)
+    barrier = threading.Barrier(8)
+
+    def failing() -> None:
+        barrier.wait(timeout=5)
+        raise ConnectionError("down")
+
+    def worker() -> None:
+        with pytest.raises(ConnectionError):
+            breaker.call(failing)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=5)
+    snap = breaker.snapshot()
+    assert snap["state"] == "open"
+    assert snap["failures"] == 8
+    assert snap["transitions"] == {"closed->open": 1}
+
+
+def test_asyncio_calls_and_cancellation_release_the_trial_slot() -> None:
+    clock = ManualClock()
+    breaker = make(clock, failure_threshold=1)
+
+    async def failing() -> None:
+        raise TimeoutError("model timed out")
+
+    async def hanging() -> str:
+        await asyncio.sleep(3600)
+        return "never"
+
+    async def ok() -> str:
+        return "positive"
+
+    async def scenario() -> None:
+        with pytest.raises(TimeoutError):
+            await breaker.call_async(failing)
+        assert breaker.state is BreakerState.OPEN
+        with pytest.raises(CircuitOpenError):
+            await breaker.call_async(ok)
+        clock.advance(30)
+        task = asyncio.create_task(breaker.call_async(hanging))
+        await asyncio.sleep(0)  # the trial is admitted and waiting
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert breaker.state is BreakerState.HALF_OPEN  # cancellation is neither success nor failure
+        assert await breaker.call_async(ok) == "positive"  # the slot was released
+        assert breaker.state is BreakerState.CLOSED
+
+    asyncio.run(scenario())
+
+
+def test_trip_and_reset_by_hand() -> None:
+    clock = ManualClock()
+    breaker = make(clock)
+    breaker.trip("reload failed")
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(20)
+    breaker.trip("still failing")  # restarts the timeout
+    clock.advance(20)
+    assert breaker.state is BreakerState.OPEN
+    breaker.reset()
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.call(lambda: 1) == 1

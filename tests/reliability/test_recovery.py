@@ -1,0 +1,215 @@
+"""RecoveryManager: real out-of-memory errors (impossible allocations), real threads, injected sleep and clock."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from fintune.config import RecoverySettings, ReliabilitySettings
+from fintune.errors import CircuitOpenError
+from fintune.reliability import BreakerState, CircuitBreaker, RecoveryManager, RecoveryOutcome, is_out_of_memory
+
+IMPOSSIBLE_BYTES = 1 << 60  # no machine has an exabyte: allocating it fails at once, without using memory
+
+
+class ManualClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class GreedyModel:
+    """A model whose prediction tries to allocate an exabyte: a real MemoryError."""
+
+    def predict(self, text: str) -> str:
+        bytearray(IMPOSSIBLE_BYTES)
+        return "unreachable"
+
+
+class TorchGreedyModel:
+    """A model whose prediction asks torch's CPU allocator for an exabyte: torch's real RuntimeError."""
+
+    def predict(self, text: str) -> str:
+        torch.empty(IMPOSSIBLE_BYTES, dtype=torch.uint8)
+        return "unreachable"
+
+
+class GoodModel:
+    """A model that answers."""
+
+    def predict(self, text: str) -> str:
+        return "positive"
+
+
+class Loader:
+    """Hands out the models in `plan` in order; an exception class in the plan is raised instead (a failed load)."""
+
+    def __init__(self, *plan: object) -> None:
+        self.plan = list(plan)
+        self.loads = 0
+
+    def __call__(self) -> object:
+        step = self.plan[min(self.loads, len(self.plan) - 1)]
+        self.loads += 1
+        if isinstance(step, type) and issubclass(step, BaseException):
+            bytearray(IMPOSSIBLE_BYTES)  # loading runs out of memory again, for real
+        return step
+
+
+def manager(loader: Loader, breaker: CircuitBreaker | None = None, **settings: object):
+    sleeps: list[float] = []
+    recovery = RecoveryManager(loader, RecoverySettings(**settings), breaker=breaker, sleep=sleeps.append)
+    return recovery, sleeps
+
+
+def test_out_of_memory_frees_memory_reloads_and_the_next_call_succeeds() -> None:
+    loader = Loader(GreedyModel(), GoodModel())
+    recovery, sleeps = manager(loader)
+
+    with pytest.raises(MemoryError):
+        recovery.call(lambda m: m.predict("Profit rose."))
+    assert recovery.call(lambda m: m.predict("Profit rose.")) == "positive"
+
+    assert loader.loads == 2
+    [outcome] = recovery.outcomes("out_of_memory")
+    assert outcome.succeeded and outcome.attempts == 1
+    assert "gc_collected" in outcome.details["freed"]
+    assert sleeps == []  # the first reload attempt does not wait
+
+
+def test_torch_cpu_allocation_failure_is_recognised_and_recovered() -> None:
+    loader = Loader(TorchGreedyModel(), GoodModel())
+    breaker = CircuitBreaker.from_settings(ReliabilitySettings(), clock=ManualClock())
+    recovery, _ = manager(loader, breaker)
+    with pytest.raises(RuntimeError, match="allocate"):
+        recovery.call(lambda m: m.predict("x"))
+    assert recovery.call(lambda m: m.predict("x")) == "positive"
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_reload_that_keeps_failing_stops_at_max_attempts_and_the_breaker_stays_open() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker.from_settings(ReliabilitySettings(), clock=clock)
+    loader = Loader(GreedyModel(), MemoryError)  # every reload runs out of memory too
+    recovery, sleeps = manager(loader, breaker, oom_max_attempts=3, oom_backoff_s=1.0, oom_backoff_factor=2.0)
+
+    with pytest.raises(MemoryError):
+        recovery.call(lambda m: m.predict("x"))
+
+    [outcome] = recovery.outcomes("out_of_memory")
+    assert not outcome.succeeded
+    assert outcome.attempts == 3
+    assert outcome.error is not None and outcome.error.startswith("MemoryError")
+    assert sleeps == [1.0, 2.0]
+    assert loader.loads == 1 + 3
+    assert breaker.state is BreakerState.OPEN
+
+    clock.now += 29.0
+    with pytest.raises(CircuitOpenError):
+        recovery.call(lambda m: m.predict("x"))
+    assert loader.loads == 4, "an open breaker must not trigger more reloads"
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_backoff_grows_by_the_factor_and_is_capped() -> None:
+    recovery, sleeps = manager(Loader(GreedyModel(), MemoryError), oom_max_attempts=5, oom_backoff_s=1.0,
+                               oom_backoff_factor=10.0, oom_backoff_max_s=30.0)
+    with pytest.raises(MemoryError):
+        recovery.call(lambda m: m.predict("x"))
+    assert sleeps == [1.0, 10.0, 30.0, 30.0]
+
+
+def test_concurrent_out_of_memory_errors_trigger_one_reload() -> None:
+    barrier = threading.Barrier(4)
+
+    class CrowdedModel:
+        def predict(self, text: str) -> str:
+            barrier.wait(timeout=5)  # all four requests are on the old model before any fails
+            bytearray(IMPOSSIBLE_BYTES)
+            return "unreachable"
+
+    loader = Loader(CrowdedModel(), GoodModel())
+    recovery, _ = manager(loader)
+    recovery.model  # noqa: B018  load the first model before the threads start
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            recovery.call(lambda m: m.predict("x"))
+        except MemoryError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert len(errors) == 4
+    assert loader.loads == 2
+    outcomes = recovery.outcomes("out_of_memory")
+    assert sum(1 for o in outcomes if not o.details.get("already_reloaded")) == 1
+
+
+def test_is_out_of_memory() -> None:
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory"))
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_drift_hooks_all_run_even_when_one_raises() -> None:
+    recovery, _ = manager(Loader(GoodModel()))
+    seen: list[object] = []
+
+    def broken(report: object) -> None:
+        raise RuntimeError("hook bug")
+
+    recovery.add_drift_hook(seen.append)
+    recovery.add_drift_hook(broken)
+    recovery.add_drift_hook(lambda r: seen.append(("second", r)))
+    outcome = recovery.handle_drift({"kl": 0.4})
+    assert seen == [{"kl": 0.4}, ("second", {"kl": 0.4})]
+    assert not outcome.succeeded and outcome.details["failed_hooks"] == ["broken"]
+
+
+def test_latency_spike_logs_one_diagnostic_snapshot_per_episode(caplog: pytest.LogCaptureFixture) -> None:
+    breaker = CircuitBreaker.from_settings(ReliabilitySettings(), clock=ManualClock())
+    recovery, _ = manager(Loader(GoodModel()), breaker, latency_window=50, latency_min_samples=20)
+    outcomes: list[RecoveryOutcome] = []
+    recovery.on_outcome(outcomes.append)
+    normal, slow = [0.1] * 50, [0.1] * 40 + [0.5] * 10
+
+    with caplog.at_level(logging.WARNING, logger="fintune.reliability.recovery"):
+        assert recovery.check_latency([0.1] * 10) is None  # too few to judge
+        assert recovery.check_latency(normal) is None  # learns the baseline p95 = 0.1 s
+        first = recovery.check_latency(slow, queue_depth=7, batch_size=8)
+        assert recovery.check_latency(slow) is None  # same episode
+        assert recovery.check_latency(normal) is None  # recovered
+        second = recovery.check_latency(slow)
+
+    assert first is not None and second is not None
+    spike_logs = [r for r in caplog.records if "latency spike" in r.getMessage()]
+    assert len(spike_logs) == 2
+    d = first.details
+    assert d["limit_s"] == pytest.approx(0.3)  # 3 x the learned baseline, below the 2 s absolute limit
+    assert d["p95_s"] > 0.3
+    assert d["queue_depth"] == 7 and d["batch_size"] == 8
+    assert d["memory"]["rss_mb"] > 0
+    assert d["breaker"]["state"] == "closed"
+    assert len(d["recent_latencies_s"]) == 20
+    assert [o.event for o in outcomes] == ["latency_spike", "latency_spike"]
+
+
+def test_absolute_latency_limit_without_baseline() -> None:
+    recovery, _ = manager(Loader(GoodModel()), latency_window=100, latency_min_samples=20, latency_spike_p95_s=1.0)
+    assert recovery.check_latency([0.5] * 30) is None  # window not full: no baseline learned yet
+    outcome = recovery.check_latency([2.0] * 30)
+    assert outcome is not None and outcome.details["baseline_p95_s"] is None
