@@ -13,8 +13,9 @@
   reading today's predictions with the validation-time distribution;
 * it is judged only once the window holds ``drift_min_samples`` predictions (default 100). Under no drift
   ``2 n KL`` is about chi-squared with ``k - 1`` degrees of freedom, so with 3 labels
-  ``P(KL > t) ~ exp(-n t)``: at n = 10 a KL of 0.15 happens by chance about 1 time in 4.5; at n = 100
-  about 3 times in 10 million;
+  ``P(KL > t) ~ exp(-n t)``: at n = 10 a KL of 0.15 happens by chance about 1 time in 4 (25.8 % of
+  simulated windows, unsmoothed; ``benchmarks/results/breaker_overhead.json``), at n = 100 about 3 times in
+  10 million;
 * a drift episode starts when KL rises above ``drift_threshold`` (0.15) and ends only when KL falls below
   ``drift_recovery_threshold`` (0.075): hysteresis, so the hooks fire once per episode, not once per request.
 

@@ -22,7 +22,7 @@ Why not pybreaker 1.4.1: it meets none of four requirements here. Its ``call_asy
 asyncio); HALF_OPEN lets every concurrent call through (``success_threshold`` counts successes, it does not
 limit trial calls); it has no slow-call rule; and it reads ``datetime.now()`` directly (no injectable clock, so
 the timeout cannot be tested without sleeping). It also holds its lock for the whole guarded call, which
-serialises all model calls. So this module is ours, ~250 lines, with the same shape: one class per state
+serialises all model calls. So this module is ours, with the same shape: one class per state
 behind a single state map, pluggable storage (in memory; a shared Redis storage is left out because the
 service runs one process per model and atomic cross-process updates would not be cheap) and listeners told
 of every transition.
