@@ -287,6 +287,12 @@ class RecoverySettings(Section):
         description="Normal p95 latency in seconds; None: learned from the first full window.",
     )
 
+    @model_validator(mode="after")
+    def _window_holds_the_minimum(self) -> RecoverySettings:
+        if self.latency_min_samples > self.latency_window:
+            raise ValueError("latency_min_samples must not exceed latency_window")
+        return self
+
 
 class ReliabilitySettings(Section):
     """Circuit breaker and automatic recovery (see README, 'Reliability and monitoring')."""
@@ -368,6 +374,8 @@ class MonitoringSettings(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> MonitoringSettings:
+        if self.drift_min_samples > self.drift_window:
+            raise ValueError("drift_min_samples must not exceed drift_window, or drift is never judged")
         if self.drift_recovery_threshold >= self.drift_threshold:
             raise ValueError("drift_recovery_threshold must be below drift_threshold (hysteresis)")
         if self.latency_max_p95_s <= self.latency_target_p95_s:

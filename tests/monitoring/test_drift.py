@@ -131,3 +131,20 @@ def test_baseline_stream_never_fires_in_1000_windows() -> None:
         worst = max(worst, detector.kl or 0.0)
     assert fired == 0
     assert worst < settings.drift_threshold
+
+
+def test_a_label_outside_the_baseline_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    detector = DriftDetector(BASELINE, MonitoringSettings())
+    for _ in range(3):
+        assert detector.update("bullish") is None
+    assert detector.report().window_size == 0
+    assert sum("bullish" in r.getMessage() for r in caplog.records) == 1  # warned once, not per request
+
+
+def test_settings_refuse_a_window_smaller_than_the_minimum() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="drift_min_samples"):
+        MonitoringSettings(drift_window=50)
+    with pytest.raises(ValidationError, match="hysteresis"):
+        MonitoringSettings(drift_recovery_threshold=0.2)

@@ -27,6 +27,7 @@ Beside KL, every report carries the population stability index ``PSI = sum_i (p_
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections import Counter, deque
@@ -55,6 +56,7 @@ __all__ = [
     "smoothed",
 ]
 
+log = logging.getLogger(__name__)
 BASELINE_FILENAME = "drift_baseline.json"
 BASELINE_VERSION = 1
 
@@ -206,6 +208,7 @@ class DriftDetector:
         self._state = DriftState.WARMING_UP
         self._kl: float | None = None
         self._episodes = 0
+        self._unknown: set[str] = set()
         self._lock = threading.Lock()
 
     def update(self, label: str) -> DriftReport | None:
@@ -215,6 +218,9 @@ class DriftDetector:
         """
         i = self._index.get(label)
         if i is None:
+            if label not in self._unknown:
+                self._unknown.add(label)
+                log.warning("drift: label %r is not in the baseline %s; ignored", label, list(self._index))
             return None
         with self._lock:
             self._push(i)

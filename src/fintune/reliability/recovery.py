@@ -134,7 +134,9 @@ class RecoveryManager(Generic[M]):
     def model(self) -> M:
         """The live model, loaded on first use; RecoveryError when the last reload failed."""
         if self._model is None:
-            self.reload("initial load")
+            with self._reload_lock:
+                if self._model is None:  # another thread may have loaded it meanwhile
+                    self._reload("load after a failed reload" if self.history else "initial load", event="reload")
         if self._model is None:
             raise RecoveryError("the model is not loaded: the last reload failed; see the recovery log")
         return self._model
