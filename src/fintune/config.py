@@ -121,6 +121,9 @@ class TrainingSettings(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about 30 % slower."
     )
+    bf16: bool = Field(
+        True, description="Train under bf16 autocast (TRL's default; fast on GPUs and CPUs with AMX/AVX512-BF16)."
+    )
     logging_steps: int = Field(10, ge=1, description="Log the training loss every this many steps.")
     save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")

@@ -52,3 +52,7 @@ class CircuitOpenError(FinTuneError):
 
 class RecoveryError(FinTuneError):
     """Automatic recovery gave up (the model could not be reloaded within the allowed attempts)."""
+
+
+class ModelError(FinTuneError):
+    """A base model cannot be found, converted or loaded, or its tokenizer cannot score the three labels."""

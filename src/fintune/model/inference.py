@@ -1,0 +1,162 @@
+"""Label-constrained inference: :class:`SentimentClassifier` scores only the three label tokens.
+
+The model reads the training prompt and, at the answer position (the last prompt token), we take the logits of
+the first token of `` negative``, `` neutral`` and `` positive`` and softmax them: it can never answer anything
+else, and the top probability is its confidence. Batches are length-sorted and left-padded (position ids come
+from the attention mask, so padding does not change a sentence's scores), under ``torch.inference_mode()``.
+
+Fast path (``inference.merge_adapter``): de-quantize the NF4 base (``model.dequantize()``) and then merge the
+adapter into it. The adapter learnt the NF4-rounded weights, so it must be merged into those, never into the
+original full-precision weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from fintune import LABELS
+from fintune.config import InferenceSettings, ModelSettings, Settings
+from fintune.errors import ArtifactError, ModelError
+from fintune.model.loading import load_tokenizer, resolve_base
+from fintune.model.quantization import load_base, torch_dtype, upcast_unquantized
+
+logger = logging.getLogger(__name__)
+
+CARD_FILE = "fintune.json"
+"""Metadata written next to every trained adapter: profile, model settings, data, metrics."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One sentence's label, its probability (confidence) and all three probabilities."""
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+
+def label_token_ids(tokenizer: Any, labels: Sequence[str] = LABELS) -> list[int]:
+    """The first token of `` <label>`` for each label; ModelError when two labels share it."""
+    ids = [tokenizer.encode(f" {label}", add_special_tokens=False)[0] for label in labels]
+    if len(set(ids)) != len(ids):
+        raise ModelError(
+            f"the tokenizer starts two labels with the same token ({dict(zip(labels, ids, strict=True))}); "
+            "label-constrained scoring needs distinct first tokens"
+        )
+    return ids
+
+
+class SentimentClassifier:
+    """Batched, label-constrained sentiment scoring with a causal LM (+ LoRA adapter)."""
+
+    def __init__(self, model: Any, tokenizer: Any, prompt_template: str, inference: InferenceSettings) -> None:
+        """Wrap a loaded model and tokenizer; use :meth:`from_pretrained` to load a trained adapter."""
+        self.model = model.eval()
+        _drop_training_hooks(model)
+        self.tokenizer = tokenizer
+        self.tokenizer.padding_side = "left"
+        self.prompt_template = prompt_template
+        self.settings = inference
+        self.label_ids = torch.tensor(label_token_ids(tokenizer))
+        if inference.num_threads:
+            torch.set_num_threads(inference.num_threads)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_dir: Path, settings: Settings, merge: bool | None = None
+    ) -> SentimentClassifier:
+        """Load a trained adapter folder (written by ``fintune train``) onto its NF4 base."""
+        card = read_card(model_dir)
+        model_settings = ModelSettings.model_validate(card["model_settings"])
+        inference = settings.model.inference
+        merge = inference.merge_adapter if merge is None else merge
+        base = load_base(resolve_base(model_settings, settings.cache_dir), model_settings.quantization)
+        if merge and model_settings.quantization.load_in_4bit:
+            base = base.dequantize(dtype=torch_dtype(inference.dtype))
+        elif model_settings.quantization.load_in_4bit:
+            base = upcast_unquantized(base)
+        # keep the adapter in the dtype it was trained in (TRL trains QLoRA adapters in bf16)
+        model = PeftModel.from_pretrained(base, str(model_dir), autocast_adapter_dtype=False)
+        if merge:
+            model = model.merge_and_unload().to(torch_dtype(inference.dtype))
+        tokenizer = load_tokenizer(str(model_dir))
+        return cls(model, tokenizer, model_settings.training.prompt_template, inference)
+
+    def prompts(self, texts: Sequence[str]) -> list[str]:
+        """The training prompt of each sentence."""
+        return [self.prompt_template.format(text=text) for text in texts]
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """An (n, 3) array of label probabilities in :data:`fintune.LABELS` order."""
+        out = np.zeros((len(texts), len(LABELS)), dtype=np.float64)
+        if not texts:
+            return out
+        encoded = self.tokenizer(self.prompts(texts))["input_ids"]
+        with torch.inference_mode():
+            for batch in self._length_sorted_batches(encoded):
+                out[batch] = self._score([encoded[i] for i in batch])
+        return out
+
+    def predict(self, texts: Sequence[str]) -> list[Prediction]:
+        """Label, confidence and probabilities of each sentence."""
+        return [
+            Prediction(LABELS[int(row.argmax())], float(row.max()), dict(zip(LABELS, map(float, row), strict=True)))
+            for row in self.predict_proba(texts)
+        ]
+
+    def predict_labels(self, texts: Sequence[str]) -> list[str]:
+        """Only the labels."""
+        return [LABELS[int(i)] for i in self.predict_proba(texts).argmax(axis=1)]
+
+    def _length_sorted_batches(self, encoded: list[list[int]]) -> Iterator[list[int]]:
+        """Indices of the sentences, longest first, cut into batches of similar length."""
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+        size = self.settings.batch_size
+        for start in range(0, len(order), size):
+            yield order[start : start + size]
+
+    def _score(self, sequences: list[list[int]]) -> np.ndarray:
+        """Softmax over the label tokens' logits at the last position of each left-padded sequence."""
+        batch = self.tokenizer.pad({"input_ids": sequences}, padding=True, return_tensors="pt")
+        mask = batch["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        device = self._device()
+        logits = self.model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            logits_to_keep=1,
+        ).logits[:, -1, :]
+        return torch.softmax(logits[:, self.label_ids.to(device)].float(), dim=-1).cpu().numpy()
+
+    def _device(self) -> torch.device:
+        """Where the model's first parameter lives."""
+        return next(self.model.parameters()).device
+
+
+def _drop_training_hooks(model: Any) -> None:
+    """Remove the input-gradient hook ``prepare_model_for_kbit_training`` adds: with it every activation
+    requires grad and bitsandbytes never takes its faster CPU inference kernel."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if getattr(base, "_require_grads_hook", None) is not None:
+        base.disable_input_require_grads()
+
+
+def read_card(model_dir: Path) -> dict[str, Any]:
+    """The ``fintune.json`` metadata of a trained adapter folder."""
+    path = Path(model_dir) / CARD_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{model_dir} holds no trained adapter ({CARD_FILE} missing); run `fintune train`")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is unreadable ({exc}); retrain the model") from exc

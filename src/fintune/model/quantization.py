@@ -1,0 +1,94 @@
+"""The 4-bit base model: bitsandbytes NF4 configuration, quantized loading and analytic memory.
+
+NF4 (bitsandbytes) stores each linear weight in 4 bits with one absmax constant per 64-weight block; with
+double quantization those constants are themselves 8-bit with one fp32 constant per 256 blocks. Embeddings,
+norms and the output head stay unquantized in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+from fintune.config import QuantizationSettings
+from fintune.errors import ModelError
+
+BLOCK_SIZE = 64
+"""Weights per absmax constant in bitsandbytes' 4-bit formats."""
+SECOND_LEVEL_BLOCK = 256
+"""Absmax constants per fp32 constant under double quantization."""
+UNQUANTIZED_MODULES = ("lm_head",)
+"""Linear layers transformers leaves unquantized (the output head)."""
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a settings name ('bfloat16', 'float16', 'float32')."""
+    return getattr(torch, name)
+
+
+def bnb_config(quant: QuantizationSettings) -> BitsAndBytesConfig | None:
+    """The bitsandbytes 4-bit configuration of a profile, or None when it asks for no quantization."""
+    if not quant.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+    )
+
+
+def load_base(source: str, quant: QuantizationSettings) -> PreTrainedModel:
+    """The base causal LM from a hub id or folder, quantized to 4 bits when the profile says so."""
+    config = bnb_config(quant)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(quant.compute_dtype)}
+    if config is not None:
+        kwargs["quantization_config"] = config
+        kwargs["device_map"] = {"": _device()}
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the base model {source!r}: {exc}. Offline? Use the cpu profile (packaged weights)."
+        ) from exc
+
+
+def _device() -> str:
+    """Where the quantized weights live: the GPU when there is one, else the CPU (bitsandbytes >= 0.45)."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def analytic_memory(model: nn.Module, quant: QuantizationSettings) -> dict[str, int]:
+    """Bytes of the weights in bf16 and in 4 bits + constants (+ unquantized embeddings/head/norms in bf16)."""
+    quantized = sum(module.weight.numel() for name, module in _quantizable_linears(model))
+    total = sum(p.numel() for p in model.parameters())
+    per_param_constants = 1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * SECOND_LEVEL_BLOCK) if quant.double_quant else (
+        4 / BLOCK_SIZE
+    )
+    four_bit = quantized * (0.5 + per_param_constants)
+    return {
+        "quantized_params": quantized,
+        "bf16_bytes": total * 2,
+        "nf4_bytes": int(round(four_bit + (total - quantized) * 2)),
+    }
+
+
+def _quantizable_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The linear layers bitsandbytes would quantize (all but the output head)."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not name.endswith(UNQUANTIZED_MODULES)
+    ]
+
+
+def upcast_unquantized(model: nn.Module) -> nn.Module:
+    """Cast the non-4-bit parameters (embeddings, norms, head) to fp32, as ``prepare_model_for_kbit_training``
+    does before training, so a reloaded NF4 model computes exactly what the trained one did."""
+    for param in model.parameters():
+        if param.dtype in (torch.float16, torch.bfloat16) and getattr(param, "quant_state", None) is None:
+            param.data = param.data.float()
+    return model

@@ -1,0 +1,226 @@
+"""QLoRA fine-tuning: NF4 base + LoRA adapter trained by TRL's SFTTrainer on prompt/completion records.
+
+Each training sentence becomes ``{"prompt": <template with the sentence>, "completion": " <label>"}``; TRL
+masks the prompt so the loss is on the completion only. Training is seeded, shows progress bars, writes
+resumable checkpoints under ``<out>/checkpoints`` (a re-run resumes from the last one), and leaves in ``<out>``:
+the PEFT adapter and tokenizer, ``README.md`` (model card), ``fintune.json`` (the same as data),
+``loss_curve.png``, ``validation_report.json`` and ``drift_baseline.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from peft import prepare_model_for_kbit_training
+from transformers import set_seed
+from trl import SFTConfig, SFTTrainer
+
+from fintune import LABELS
+from fintune.config import Settings, TrainingSettings
+from fintune.data import DataSplits, Example, load_splits
+from fintune.evaluation import classification_metrics, write_json
+from fintune.model.inference import CARD_FILE, SentimentClassifier
+from fintune.model.loading import load_tokenizer, resolve_base
+from fintune.model.lora import count_parameters, lora_config
+from fintune.model.plots import plot_loss_curve
+from fintune.model.quantization import load_base
+from fintune.monitoring.drift import save_drift_baseline
+from fintune.provenance import provenance
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run produced and measured."""
+
+    output_dir: Path
+    card: dict[str, Any]
+    classifier: SentimentClassifier
+
+
+def default_output_dir(settings: Settings) -> Path:
+    """Where ``fintune train`` writes a profile's adapter when not told: ``<output_dir>/models/<profile>``."""
+    return settings.output_dir / "models" / settings.profile
+
+
+def records(examples: list[Example], template: str) -> Dataset:
+    """Prompt/completion records of the sentences (the completion is a space and the label)."""
+    return Dataset.from_list(
+        [{"prompt": template.format(text=ex.text), "completion": f" {ex.label}"} for ex in examples]
+    )
+
+
+def sft_config(training: TrainingSettings, out: Path, seed: int, max_steps: int | None) -> SFTConfig:
+    """TRL's configuration from the profile: completion-only loss, length grouping, checkpoints, no reporting."""
+    steps = training.max_steps if max_steps is None else max_steps
+    return SFTConfig(
+        output_dir=str(out / CHECKPOINT_DIR),
+        per_device_train_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=training.warmup_ratio,
+        weight_decay=training.weight_decay,
+        num_train_epochs=training.epochs,
+        max_steps=steps,
+        max_length=training.max_length,
+        completion_only_loss=True,
+        bf16=training.bf16,
+        train_sampling_strategy="group_by_length" if training.group_by_length else "random",
+        activation_checkpointing=training.gradient_checkpointing,
+        logging_steps=training.logging_steps,
+        save_strategy="steps",
+        save_steps=training.save_steps,
+        save_total_limit=training.save_total_limit,
+        seed=seed,
+        data_seed=seed,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def train(
+    settings: Settings,
+    output_dir: Path | None = None,
+    max_steps: int | None = None,
+    splits: DataSplits | None = None,
+) -> TrainingResult:
+    """Fine-tune the profile's base with QLoRA and save adapter, model card, loss curve and drift baseline."""
+    out = Path(output_dir or default_output_dir(settings))
+    out.mkdir(parents=True, exist_ok=True)
+    splits = splits or load_splits(settings, settings.data.subset)
+    model_cfg = settings.model
+    set_seed(settings.seed)
+    started = time.perf_counter()
+    source = resolve_base(model_cfg, settings.cache_dir)
+    tokenizer = load_tokenizer(source)
+    model = load_base(source, model_cfg.quantization)
+    if model_cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=model_cfg.training.gradient_checkpointing
+        )
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(model_cfg.training, out, settings.seed, max_steps),
+        train_dataset=records(splits.train, model_cfg.training.prompt_template),
+        processing_class=tokenizer,
+        peft_config=lora_config(model_cfg.lora),
+    )
+    resume = last_checkpoint(out) is not None
+    if resume:
+        logger.info("resuming from %s", last_checkpoint(out))
+    train_output = trainer.train(resume_from_checkpoint=True if resume else None)
+    train_seconds = time.perf_counter() - started
+    # without accelerate's bf16-autocast wrapper: the saved adapter is then scored exactly as it is reloaded
+    peft_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    peft_model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title=f"{settings.profile}: training loss")
+    classifier = SentimentClassifier(peft_model, tokenizer, model_cfg.training.prompt_template,
+                                     model_cfg.inference)
+    validation = score_validation(classifier, splits, model_cfg.training.validation_limit, out)
+    trainable, total = count_parameters(peft_model)
+    card = {
+        "provenance": provenance(f"fintune train --profile {settings.profile}"),
+        "profile": settings.profile,
+        "base_model": model_cfg.base_model,
+        "base_source": source,
+        "model_settings": model_cfg.model_dump(mode="json"),
+        "seed": settings.seed,
+        "data": splits.describe(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "memory_footprint_bytes": int(peft_model.get_memory_footprint()),
+        "global_steps": int(trainer.state.global_step),
+        "epochs": round(float(trainer.state.epoch or 0.0), 4),
+        "train_loss": round(float(train_output.training_loss), 4),
+        "train_seconds": round(train_seconds, 1),
+        "resumed": resume,
+        "validation": validation,
+        "complete": True,
+    }
+    write_json(out / CARD_FILE, card)
+    (out / "README.md").write_text(model_card(card), encoding="utf-8")
+    return TrainingResult(out, card, classifier)
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    """The newest ``checkpoint-N`` folder of a run, if any."""
+    folders = [p for p in (out / CHECKPOINT_DIR).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def score_validation(
+    classifier: SentimentClassifier, splits: DataSplits, limit: int | None, out: Path
+) -> dict[str, Any]:
+    """Validation metrics of the freshly trained model; also writes the drift baseline from its predictions."""
+    examples = splits.validation[:limit] if limit else splits.validation
+    predicted = classifier.predict_labels([ex.text for ex in examples])
+    metrics = classification_metrics([ex.label for ex in examples], predicted)
+    write_json(out / "validation_report.json", metrics)
+    save_drift_baseline(out, predicted, LABELS, source=f"validation of {splits.subset} ({len(examples)} sentences)")
+    return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+
+
+def is_trained(out: Path, profile: str, fingerprint: str) -> bool:
+    """Whether ``out`` holds a finished adapter of this profile trained on data with this fingerprint."""
+    import json
+
+    try:
+        card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return bool(card.get("complete")) and card.get("profile") == profile and (
+        card.get("data", {}).get("fingerprint") == fingerprint
+    )
+
+
+def clear_checkpoints(out: Path) -> None:
+    """Remove a run's checkpoints (keeps the adapter and card)."""
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def model_card(card: dict[str, Any]) -> str:
+    """The adapter's README.md: what it is, what it was trained on, how well it did."""
+    validation = card["validation"]
+    data = card["data"]
+    return "\n".join(
+        [
+            "---",
+            f"base_model: {card['base_model']}",
+            "library_name: peft",
+            "tags: [fintune, qlora, financial-sentiment]",
+            "---",
+            f"# FinTune adapter ({card['profile']} profile)",
+            "",
+            "LoRA adapter for financial sentiment (negative / neutral / positive), trained with QLoRA "
+            "(4-bit NF4 base + LoRA, TRL SFTTrainer, loss on the completion only).",
+            "",
+            "| | |",
+            "| --- | --- |",
+            f"| base model | `{card['base_model']}` |",
+            f"| profile | `{card['profile']}` |",
+            f"| data | Financial PhraseBank `{data['subset']}`, fingerprint `{data['fingerprint']}` |",
+            f"| trainable parameters | {card['trainable_params']:,} of {card['total_params']:,} |",
+            f"| memory footprint | {card['memory_footprint_bytes'] / 2**20:.1f} MiB |",
+            f"| steps / epochs | {card['global_steps']} / {card['epochs']} |",
+            f"| training loss | {card['train_loss']} |",
+            f"| wall time | {card['train_seconds']} s |",
+            f"| validation ({validation['sentences']} sentences) | accuracy {validation['accuracy']}, "
+            f"macro-F1 {validation['macro_f1']} |",
+            "",
+            "Load it with `fintune.model.inference.SentimentClassifier.from_pretrained(<this folder>, settings)`.",
+            "",
+        ]
+    )
