@@ -148,6 +148,7 @@ class RecoveryManager(Generic[M]):
         """
 
         def run() -> R:
+            """One guarded call on the live model; OOM starts recovery before the error propagates."""
             model = self.model
             generation = self._generation
             try:
