@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fintune.errors import ConfigError
@@ -388,11 +388,77 @@ class MonitoringSettings(Section):
         return self
 
 
+class FaultInjectionSettings(Section):
+    """Test-only model faults (set through FINTUNE_SERVING__FAULTS__* by tests and the load benchmark)."""
+
+    rate: float = Field(0.0, ge=0, le=1, description="Probability that one model batch call raises; 0: never.")
+    start_s: float = Field(0.0, ge=0, description="Seconds after the model is ready before faults may start.")
+    stop_s: float | None = Field(
+        None, gt=0, description="Seconds after the model is ready when faults stop; None: they never stop."
+    )
+    delay_ms: float = Field(0.0, ge=0, description="Extra time added to every model batch call (slow model).")
+    seed: int = Field(0, description="Seed of the fault draws, so a run is repeatable.")
+
+
 class ServingSettings(Section):
-    """HTTP service (the serving issue extends this section)."""
+    """The HTTP service: limits, authentication, micro-batching, degraded mode, the model it serves."""
 
     host: str = Field("127.0.0.1", description="Interface uvicorn binds to.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port uvicorn listens on.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads its own model).")
+    model_dir: Path | None = Field(
+        None,
+        description="Trained adapter folder to serve (holds fintune.json). None: <output_dir>/models/<profile>; "
+        "when that holds no adapter the profile's base model is served untuned (plumbing only).",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Key required on /v1/* as `X-API-Key: KEY` or `Authorization: Bearer KEY`; None: open. "
+        "Set it with FINTUNE_SERVING__API_KEY, never in a committed profile.",
+    )
+    max_text_chars: int = Field(2000, ge=1, description="Longest text /v1/classify and each batch item accept.")
+    max_document_chars: int = Field(100_000, ge=1, description="Longest document /v1/analyze accepts.")
+    max_batch_items: int = Field(256, ge=1, description="Most texts one /v1/classify/batch request may hold.")
+    max_document_sentences: int = Field(
+        1000, ge=1, description="Most sentences /v1/analyze classifies in one document."
+    )
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body in bytes; a larger one is answered 413 unread."
+    )
+    micro_batch_size: int = Field(
+        32, ge=1, description="Most texts the micro-batcher gathers into one model call (1: no batching)."
+    )
+    micro_batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long the micro-batcher waits for more texts after the first one arrives."
+    )
+    queue_size: int = Field(
+        1024, ge=1, description="Texts allowed to wait for the model; beyond it requests get 503 + Retry-After."
+    )
+    degraded_mode: Literal["baseline", "fail"] = Field(
+        "baseline",
+        description="When the breaker is open or the model failed or is not ready: 'baseline' answers from the "
+        "TF-IDF baseline with degraded: true; 'fail' answers 503 with Retry-After.",
+    )
+    baseline_model: Literal["logistic_regression", "random_forest", "linear_svc"] = Field(
+        "logistic_regression", description="TF-IDF baseline of the degraded mode (logistic regression has scores)."
+    )
+    baseline_path: Path | None = Field(
+        None,
+        description="Fitted baseline pipeline (.joblib) for the degraded mode. None: "
+        "<output_dir>/baselines/<data.subset>/<baseline_model>.joblib, else one fitted on the train split at "
+        "start-up (about a second); without data the degraded mode is off.",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long in-flight requests get to finish before uvicorn stops."
+    )
+    access_log: bool = Field(True, description="uvicorn access log (method, path, status; never bodies).")
+    faults: FaultInjectionSettings = Field(default_factory=FaultInjectionSettings)
+
+    @model_validator(mode="after")
+    def _queue_holds_a_batch(self) -> ServingSettings:
+        if self.queue_size < self.max_batch_items:
+            raise ValueError("queue_size must be at least max_batch_items, or a full batch request never fits")
+        return self
 
 
 class Settings(BaseSettings):

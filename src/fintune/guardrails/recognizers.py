@@ -1,0 +1,204 @@
+"""FinTune's own Presidio recognizers: the formats Presidio's defaults let through, and offline email checks.
+
+Each class is a declarative :class:`presidio_analyzer.PatternRecognizer` (patterns, context words, entity), in
+the style of Presidio's ``us_ssn_recognizer.py``. Presidio matches patterns with the ``regex`` module, so the
+context-anchored patterns use variable-width look-behinds: only the number itself is masked, never the word
+"account" or "SSN" in front of it. :func:`build_recognizers` returns the full set the engine registers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import regex
+import tldextract
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer.nlp_engine import NlpArtifacts
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
+    EmailRecognizer,
+    IbanRecognizer,
+    PhoneRecognizer,
+    UsBankRecognizer,
+    UsSsnRecognizer,
+)
+
+# A label word, then optional filler ("number", "no.", "#", ":", "is"), right before the value.
+_FILLER = r"(?:\s*(?:number|numbers|num|no\.?|nr\.?|\#|:|is|was|of|ending\s+in)\s*){0,3}\s*"
+# A run of digits with optional single separators, ending on a digit.
+_DIGITS = r"\d(?:[ \-.]?\d){{{low},{high}}}"
+
+
+def _after(words: str, value: str) -> str:
+    """A pattern matching ``value`` only when it follows one of ``words`` (case-insensitive, word-bounded)."""
+    return rf"(?<=\b(?:{words})\b{_FILLER})(?<![\w])({value})(?![\w])"
+
+
+class DeclarativeRecognizer(PatternRecognizer):
+    """A pattern recognizer defined by class attributes: ``ENTITY``, ``PATTERNS`` and ``CONTEXT`` words."""
+
+    ENTITY: str
+    PATTERNS: list[Pattern]
+    CONTEXT: list[str]
+
+    def __init__(self, supported_language: str = "en") -> None:
+        """Register the class's patterns and context words for ``supported_language``."""
+        super().__init__(
+            supported_entity=self.ENTITY,
+            patterns=self.PATTERNS,
+            context=self.CONTEXT,
+            supported_language=supported_language,
+            name=type(self).__name__,
+        )
+
+
+class OfflineEmailRecognizer(EmailRecognizer):
+    """Presidio's email recognizer whose domain check uses tldextract's bundled suffix list, never the network."""
+
+    _EXTRACT = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        """True when the address ends in a known public suffix (bundled Public Suffix List snapshot)."""
+        return self._EXTRACT(pattern_text).fqdn != ""
+
+
+class Mastercard2SeriesRecognizer(CreditCardRecognizer):
+    """Mastercard's 2221-2720 range, which Presidio's card pattern lacks; Luhn-checked like every card."""
+
+    PATTERNS = [
+        Pattern("Mastercard 2-series", r"\b2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)(?:[ \-]?\d{4}){3}\b", 0.3),
+    ]
+
+    def __init__(self, supported_language: str = "en") -> None:
+        """Presidio's card recognizer (context words, Luhn check) with the 2-series pattern."""
+        super().__init__(
+            patterns=self.PATTERNS, supported_language=supported_language, name="Mastercard2SeriesRecognizer"
+        )
+
+
+class FinancialPhoneRecognizer(PhoneRecognizer):
+    """Presidio's python-phonenumbers recognizer minus what financial text is full of: short numbers
+    ("founded in 1649", "EUR 164.7 mn"), decimal figures ("46.3 35.8"), dotted dates and Finnish business IDs."""
+
+    MIN_DIGITS = 7
+    NOT_A_PHONE = [
+        regex.compile(r"(?<![\d.])\d{1,3}\.\d{1,2}(?![\d]|\.\d)"),  # a decimal figure: 164.7, 46.3
+        regex.compile(r"^\d{1,2}\.\d{1,2}\.(?:19|20)\d{2}$"),  # a dotted date: 04.01.2006
+        regex.compile(r"^\d{7}-\d$"),  # a Finnish business ID (Y-tunnus): 0187274-0
+    ]
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+    ) -> list[RecognizerResult]:
+        """Presidio's matches, without the ones that read as amounts, dates or company IDs."""
+        results = super().analyze(text, entities, nlp_artifacts)
+        return [r for r in results if self.is_plausible(text[r.start:r.end])]
+
+    def is_plausible(self, matched: str) -> bool:
+        """At least seven digits and no decimal figure, dotted date or business ID in the match."""
+        if sum(c.isdigit() for c in matched) < self.MIN_DIGITS:
+            return False
+        return not any(pattern.search(matched) for pattern in self.NOT_A_PHONE)
+
+
+class ContextSsnRecognizer(DeclarativeRecognizer):
+    """SSN-shaped numbers (3-2-4 digits, any or no separator) after "SSN" / "social security": PII whatever
+    their validity, unlike Presidio's recognizer, which drops 123-45-6789, 078-05-1120 and 000/666/9xx areas."""
+
+    ENTITY = "US_SSN"
+    PATTERNS = [
+        Pattern(
+            "SSN after its label",
+            _after(r"ssn|ssns|ss\#|social\s+security|soc\.?\s+sec\.?|taxpayer\s+id|tin",
+                   r"\d{3}([ \-.]?)\d{2}\2\d{4}"),
+            0.85,
+        ),
+        Pattern("SSN dashed, any validity", r"(?<![\w\-])\d{3}-\d{2}-\d{4}(?![\w\-])", 0.5),
+    ]
+    CONTEXT = ["ssn", "social", "security", "taxpayer"]
+
+
+class ExtraPhoneRecognizer(DeclarativeRecognizer):
+    """Phone formats python-phonenumbers misses: dotted groups, +CC numbers with odd grouping, and any
+    7-15 digit number right after a phone word."""
+
+    ENTITY = "PHONE_NUMBER"
+    PATTERNS = [
+        Pattern(
+            "international +CC",
+            r"(?<![\w+])\+\d{1,3}(?:[ \-.]?\(?0?\d{1,4}\)?)(?:[ \-.]?\d{2,5}){1,4}(?![\w])",
+            0.6,
+        ),
+        Pattern("dotted 3.3.4", r"(?<![\w.])\(?\d{3}\)?\.\d{3}\.\d{4}(?![\w]|\.\d)", 0.6),
+        Pattern(
+            "number after a phone word",
+            _after(r"phone|telephone|tel\.?|mobile|cell|cellphone|fax|call|ring|text|whatsapp|reach\s+me\s+(?:at|on)",
+                   r"\+?\(?\d(?:[ \-./()]{0,2}\d){6,14}"),
+            0.7,
+        ),
+    ]
+    CONTEXT = ["phone", "telephone", "mobile", "call", "tel", "cell", "fax"]
+
+    def validate_result(self, pattern_text: str) -> bool | None:
+        """Reject matches with fewer than 7 or more than 15 digits (E.164's limits)."""
+        digits = sum(c.isdigit() for c in pattern_text)
+        return None if 7 <= digits <= 15 else False
+
+
+class AccountNumberRecognizer(DeclarativeRecognizer):
+    """Account numbers in financial phrasing: "account 0012345678", "acct # 12-3456-78", "a/c no. 98765432"."""
+
+    ENTITY = "ACCOUNT_NUMBER"
+    PATTERNS = [
+        Pattern(
+            "number after an account word",
+            _after(r"account|accounts|acct|acc|a/c|brokerage|portfolio\s+id|customer\s+id|client\s+id",
+                   _DIGITS.format(low=5, high=33)),
+            0.75,
+        ),
+    ]
+    CONTEXT = ["account", "acct", "a/c"]
+
+
+class RoutingNumberRecognizer(DeclarativeRecognizer):
+    """Nine-digit bank routing numbers after "routing", "ABA" or "RTN", checksum-valid or not."""
+
+    ENTITY = "ABA_ROUTING_NUMBER"
+    PATTERNS = [
+        Pattern(
+            "number after a routing word",
+            _after(r"routing|aba|rtn|transit|sort\s+code|swift\s+routing", _DIGITS.format(low=5, high=10)),
+            0.8,
+        ),
+    ]
+    CONTEXT = ["routing", "aba", "rtn", "transit"]
+
+
+def all_recognizers(phone_regions: Sequence[str] = ("US",), language: str = "en") -> list[EntityRecognizer]:
+    """Every recognizer the guard can use: Presidio's PII ones and FinTune's extra ones, for ``language``."""
+    return [
+        UsSsnRecognizer(supported_language=language),
+        ContextSsnRecognizer(supported_language=language),
+        CreditCardRecognizer(supported_language=language),
+        Mastercard2SeriesRecognizer(supported_language=language),
+        OfflineEmailRecognizer(supported_language=language),
+        FinancialPhoneRecognizer(supported_language=language, supported_regions=tuple(phone_regions)),
+        ExtraPhoneRecognizer(supported_language=language),
+        IbanRecognizer(supported_language=language),
+        UsBankRecognizer(supported_language=language),
+        AccountNumberRecognizer(supported_language=language),
+        RoutingNumberRecognizer(supported_language=language),
+    ]
+
+
+def supported_entities() -> list[str]:
+    """Entity types some recognizer here can detect, sorted."""
+    return sorted({entity for r in all_recognizers() for entity in r.supported_entities})
+
+
+def build_recognizers(
+    entities: Sequence[str], phone_regions: Sequence[str], language: str = "en"
+) -> list[EntityRecognizer]:
+    """The recognizers that detect at least one of ``entities``."""
+    wanted = set(entities)
+    return [r for r in all_recognizers(phone_regions, language) if wanted & set(r.supported_entities)]

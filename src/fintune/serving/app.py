@@ -1,0 +1,157 @@
+"""The FastAPI app factory and its lifespan.
+
+``create_app(settings, classifier=..., guard=..., breaker=..., monitor=..., fallback=...)`` builds one app;
+every part is injectable (tests pass a small classifier), and whatever is not passed is built from the settings
+at start-up: the PII guard (``PIIGuard.from_settings``), the breaker (``CircuitBreaker.from_settings``), the
+process's ``SystemMonitor``, the TF-IDF baseline of the degraded mode, and the model, which loads in the
+background (until it is ready the service answers degraded and ``/readyz`` says 503).
+
+Shutdown is graceful: uvicorn stops accepting connections and waits for in-flight requests
+(``serving.shutdown_timeout_s``), then the lifespan drains the micro-batcher's queue before it stops.
+:func:`app_from_env` is the import-string factory ``fintune serve`` gives uvicorn (one app per worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fintune import __version__
+from fintune.config import Settings, load_settings
+from fintune.errors import InvalidInputError, ModelUnavailableError, ServiceOverloadedError
+from fintune.monitoring import SystemMonitor
+from fintune.reliability import CircuitBreaker
+from fintune.serving.dependencies import get_request_id
+from fintune.serving.model_adapter import BatchClassifier
+from fintune.serving.pipeline import Guard
+from fintune.serving.routers import analyze, classify, health, metrics
+from fintune.serving.security import BodySizeLimitMiddleware, RequestIdMiddleware
+from fintune.serving.service import AUTO, ClassifierSource, ItemFailedError, Services
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = """Financial sentiment (negative / neutral / positive) with PII masking before the model, a circuit
+breaker around it, dynamic micro-batching, a TF-IDF degraded mode and monitoring. Every response carries a
+`request_id` (body and `X-Request-ID` header)."""
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    classifier: ClassifierSource = None,
+    guard: Guard | None = None,
+    breaker: CircuitBreaker | None = None,
+    monitor: SystemMonitor | None = None,
+    fallback: BatchClassifier | None | Literal["auto"] = AUTO,
+) -> FastAPI:
+    """The service for ``settings`` (default: the active profile); pass parts to replace the built ones.
+
+    ``classifier``: a BatchClassifier, a function loading one, or None (the profile's model). ``fallback``:
+    the degraded mode's classifier, None for no degraded mode, or "auto" (the TF-IDF baseline).
+    """
+    settings = settings or load_settings()
+    services = Services(
+        settings=settings,
+        classifier=classifier,
+        guard=guard,
+        breaker=breaker or CircuitBreaker.from_settings(settings.reliability),
+        monitor=monitor or SystemMonitor.instance(settings.monitoring),
+        fallback=fallback,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await services.start()
+        logger.info("fintune service started (profile %s)", settings.profile)
+        try:
+            yield
+        finally:
+            await services.stop()
+
+    app = FastAPI(title="FinTune", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.services = services
+    for router in (classify.router, analyze.router, health.router, metrics.router):
+        app.include_router(router)
+    _add_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so even a 413 carries the id
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for the active profile (``FINTUNE_PROFILE`` and ``FINTUNE_*`` overrides): uvicorn's factory."""
+    return create_app(load_settings())
+
+
+def _error(request: Request, status: int, code: str, message: str, retry_after: float | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    """An ErrorResponse; a Retry-After header when retrying makes sense."""
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, int(round(retry_after))))
+    body = {"error": {"code": code, "message": message, "retry_after_s": retry_after},
+            "request_id": get_request_id(request)}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _readable(errors: Any) -> tuple[int, str, str]:
+    """Status, code and one readable message for FastAPI's validation errors."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "invalid_json", "request body is not valid JSON (raw control characters must be escaped)"
+    parts = []
+    for e in errors:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {e.get('msg', 'invalid')}")
+    return 422, "invalid_request", "; ".join(parts)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error becomes an ErrorResponse with the request id and the right status."""
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        status, code, message = _readable(exc.errors())
+        return _error(request, status, code, message)
+
+    @app.exception_handler(InvalidInputError)
+    async def on_invalid(request: Request, exc: InvalidInputError) -> JSONResponse:
+        return _error(request, 422, "invalid_input", str(exc))
+
+    @app.exception_handler(ServiceOverloadedError)
+    async def on_overload(request: Request, exc: ServiceOverloadedError) -> JSONResponse:
+        return _error(request, 503, "overloaded", str(exc), exc.retry_after_s)
+
+    @app.exception_handler(ModelUnavailableError)
+    async def on_unavailable(request: Request, exc: ModelUnavailableError) -> JSONResponse:
+        return _error(request, 503, "model_unavailable", str(exc), exc.retry_after_s)
+
+    @app.exception_handler(ItemFailedError)
+    async def on_item_failed(request: Request, exc: ItemFailedError) -> JSONResponse:
+        e = exc.error
+        return _error(request, e.status, e.code, e.message, e.retry_after_s)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code, message = _http_code(exc.status_code), str(exc.detail)
+        if exc.status_code == 400 and "parsing the body" in message:
+            code, message = "invalid_body", "request body could not be read as UTF-8 JSON"
+        return _error(request, exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(request, 500, "internal_error", "internal error; the request id identifies it in the logs")
+
+
+def _http_code(status: int) -> str:
+    """A code name for a plain HTTP error."""
+    return {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+        status, f"http_{status}"
+    )

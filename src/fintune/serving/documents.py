@@ -1,0 +1,77 @@
+"""Documents for /v1/analyze: sentence splitting (spaCy's rule-based sentencizer) and the document aggregate.
+
+The splitter is a blank English spaCy pipeline with the ``sentencizer`` component: no model download, and its
+tokenizer keeps numbers such as ``EUR 13.1 mn``, e-mail addresses and URLs whole, so a split never cuts a PII
+value in two before the guard sees it. Line breaks between paragraphs also end a sentence.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from fintune.errors import InvalidInputError
+
+SENTIMENT_SIGN = {"negative": -1.0, "neutral": 0.0, "positive": 1.0}
+NEUTRAL_BAND = 0.1
+_PARAGRAPH = re.compile(r"\n\s*\n|\r\n\s*\r\n")
+
+
+@functools.lru_cache(maxsize=1)
+def _sentencizer() -> Any:
+    """The blank English pipeline with a sentencizer (built once per process)."""
+    import spacy
+
+    nlp = spacy.blank("en")
+    nlp.add_pipe("sentencizer")
+    nlp.max_length = 2_000_000
+    return nlp
+
+
+def split_sentences(document: str) -> list[str]:
+    """The document's sentences, stripped, empty ones dropped, in order."""
+    nlp = _sentencizer()
+    sentences: list[str] = []
+    for paragraph in _PARAGRAPH.split(document):
+        if paragraph.strip():
+            sentences += [s.text.strip() for s in nlp(paragraph).sents if s.text.strip()]
+    return sentences
+
+
+def check_document(document: str, max_chars: int, max_sentences: int, sentences: Sequence[str]) -> None:
+    """InvalidInputError when the document is empty, too long or has too many sentences."""
+    if not document.strip():
+        raise InvalidInputError("text is empty or only whitespace: send the document's text")
+    if len(document) > max_chars:
+        raise InvalidInputError(
+            f"document has {len(document)} characters, more than the limit of {max_chars} "
+            "(serving.max_document_chars): send it in sections"
+        )
+    if len(sentences) > max_sentences:
+        raise InvalidInputError(
+            f"document has {len(sentences)} sentences, more than the limit of {max_sentences} "
+            "(serving.max_document_sentences): send it in sections"
+        )
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Label shares, confidence-weighted score, document label and the extreme sentences of classified results.
+
+    Each result needs ``label``, ``confidence``, ``scores`` and ``degraded``; the extremes are returned as given.
+    """
+    n = len(results)
+    shares = {label: sum(r["label"] == label for r in results) / n if n else 0.0 for label in SENTIMENT_SIGN}
+    weight = sum(r["confidence"] for r in results)
+    score = sum(r["confidence"] * SENTIMENT_SIGN[r["label"]] for r in results) / weight if weight else 0.0
+    label = "negative" if score < -NEUTRAL_BAND else "positive" if score > NEUTRAL_BAND else "neutral"
+    return {
+        "sentences": n,
+        "label_shares": shares,
+        "score": round(score, 6),
+        "label": label,
+        "most_negative": max(results, key=lambda r: r["scores"].get("negative", 0.0)) if n else None,
+        "most_positive": max(results, key=lambda r: r["scores"].get("positive", 0.0)) if n else None,
+        "degraded_sentences": sum(bool(r["degraded"]) for r in results),
+    }

@@ -1,0 +1,217 @@
+"""The model edge of the service: the `BatchClassifier` protocol and the ONE place it meets fintune.model.
+
+Everything else in ``fintune.serving`` sees only :class:`BatchClassifier` (``classify(texts) -> [Prediction]``
+plus ``name``/``profile``/``version``), so tests build the app with any small classifier. Here live:
+
+* :func:`load_classifier`: the profile's model: a trained adapter (``SentimentClassifier.from_pretrained``), or
+  the untuned base when no adapter exists (random tiny-mistral, zero-shot SmolLM2: plumbing and load tests),
+  or the encoder fallback (``fintune.model.encoder``) when ``model.backend`` is ``encoder``;
+* :class:`BaselineClassifier` and :func:`load_baseline`: the TF-IDF pipeline of the degraded mode;
+* :class:`FaultInjectingClassifier`: the test-only faults of ``serving.faults`` (tests and the load
+  benchmark switch them on through ``FINTUNE_SERVING__FAULTS__*``; nothing patches our classes).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from fintune import LABELS, __version__
+from fintune.config import FaultInjectionSettings, Settings
+from fintune.errors import ArtifactError, DataError, ModelError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One text's label, its probability (the confidence) and the probability of every label."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class BatchClassifier(Protocol):
+    """What the service needs of a model: a name, a profile, a version and batched classification."""
+
+    name: str
+    profile: str
+    version: str
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        """One prediction per text, in order."""
+        ...
+
+
+class InjectedFault(RuntimeError):
+    """A model failure injected on purpose by ``serving.faults`` (tests and the load benchmark only)."""
+
+
+class SentimentClassifierAdapter:
+    """A :class:`fintune.model.inference.SentimentClassifier` (or anything with ``predict``) as a BatchClassifier."""
+
+    def __init__(self, inner: Any, name: str, profile: str, version: str) -> None:
+        """Wrap ``inner``, whose ``predict(texts)`` returns objects with label, confidence, probabilities."""
+        self.inner, self.name, self.profile, self.version = inner, name, profile, version
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        """``inner.predict`` in our Prediction type."""
+        return [
+            Prediction(p.label, float(p.confidence), {k: float(v) for k, v in p.probabilities.items()})
+            for p in self.inner.predict(texts)
+        ]
+
+
+class FaultInjectingClassifier:
+    """Wraps a classifier; raises :class:`InjectedFault` on a seeded share of calls inside a time window."""
+
+    def __init__(self, inner: BatchClassifier, faults: FaultInjectionSettings, clock: Any = time.monotonic) -> None:
+        """Faults are drawn with ``faults.seed`` and counted from now (the moment the model is ready)."""
+        self.inner, self.faults, self.clock = inner, faults, clock
+        self.name, self.profile, self.version = inner.name, inner.profile, inner.version
+        self._random = random.Random(faults.seed)
+        self._lock = threading.Lock()
+        self._started = clock()
+        self.injected = 0
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        """Sleep ``delay_ms``, maybe raise, else classify."""
+        if self.faults.delay_ms:
+            time.sleep(self.faults.delay_ms / 1000)
+        if self._draw():
+            raise InjectedFault(f"injected model fault #{self.injected} (serving.faults.rate={self.faults.rate})")
+        return self.inner.classify(texts)
+
+    def _draw(self) -> bool:
+        """Whether this call fails: inside [start_s, stop_s) and under the rate."""
+        age = self.clock() - self._started
+        f = self.faults
+        if age < f.start_s or (f.stop_s is not None and age >= f.stop_s):
+            return False
+        with self._lock:
+            failed = self._random.random() < f.rate
+            self.injected += failed
+        return failed
+
+
+def with_faults(classifier: BatchClassifier, faults: FaultInjectionSettings) -> BatchClassifier:
+    """``classifier`` wrapped in fault injection when the settings ask for faults or delay, else itself."""
+    if faults.rate > 0 or faults.delay_ms > 0:
+        logger.warning("serving.faults is on (rate %.2f, delay %.0f ms): for tests only", faults.rate,
+                       faults.delay_ms)
+        return FaultInjectingClassifier(classifier, faults)
+    return classifier
+
+
+def model_dir(settings: Settings) -> Path:
+    """The adapter folder the service serves (``serving.model_dir`` or ``<output_dir>/models/<profile>``)."""
+    return settings.serving.model_dir or settings.output_dir / "models" / settings.profile
+
+
+def load_classifier(settings: Settings) -> BatchClassifier:
+    """The profile's model as a BatchClassifier (slow: seconds to minutes; run it off the event loop)."""
+    if settings.model.backend == "encoder":
+        return _load_encoder(settings)
+    from fintune.model.inference import CARD_FILE, SentimentClassifier
+
+    folder = model_dir(settings)
+    if (folder / CARD_FILE).is_file():
+        inner = SentimentClassifier.from_pretrained(folder, settings)
+        return SentimentClassifierAdapter(inner, _base_name(settings), settings.profile, f"adapter:{folder.name}")
+    logger.warning("no trained adapter in %s: serving the untuned base of profile %r (run `fintune train`)",
+                   folder, settings.profile)
+    return SentimentClassifierAdapter(_untuned(settings), _base_name(settings), settings.profile, "base-untuned")
+
+
+def _base_name(settings: Settings) -> str:
+    """The model's display name: the base model id."""
+    return settings.model.base_model
+
+
+def _untuned(settings: Settings) -> Any:
+    """A SentimentClassifier over the profile's base model without an adapter (label-constrained zero-shot)."""
+    from fintune.model.inference import SentimentClassifier
+    from fintune.model.loading import load_tokenizer, resolve_base
+    from fintune.model.quantization import load_base, torch_dtype
+
+    source = resolve_base(settings.model, settings.cache_dir)
+    base = load_base(source, settings.model.quantization)
+    inference = settings.model.inference
+    if inference.merge_adapter and settings.model.quantization.load_in_4bit:
+        base = base.dequantize(dtype=torch_dtype(inference.dtype))  # the fast path, as with a merged adapter
+    return SentimentClassifier(base, load_tokenizer(source), settings.model.training.prompt_template, inference)
+
+
+def _load_encoder(settings: Settings) -> BatchClassifier:
+    """The encoder fallback (``fintune.model.encoder``), trained folder first."""
+    try:
+        from fintune.model import encoder
+    except ImportError as exc:
+        raise ModelError(f"the encoder backend is not available in this build ({exc})") from exc
+    loader = getattr(encoder, "EncoderClassifier", None)
+    if loader is None or not hasattr(loader, "from_pretrained"):
+        raise ModelError("fintune.model.encoder has no EncoderClassifier.from_pretrained; cannot serve it")
+    inner = loader.from_pretrained(model_dir(settings), settings)
+    return SentimentClassifierAdapter(inner, _base_name(settings), settings.profile, "encoder")
+
+
+class BaselineClassifier:
+    """A fitted TF-IDF pipeline as a BatchClassifier: probabilities when it has them, else a one-hot score."""
+
+    def __init__(self, pipeline: Any, name: str, profile: str, version: str) -> None:
+        """Wrap a fitted scikit-learn pipeline whose classes are the three labels."""
+        self.pipeline, self.name, self.profile, self.version = pipeline, name, profile, version
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        """One prediction per text."""
+        if not texts:
+            return []
+        if hasattr(self.pipeline, "predict_proba"):
+            classes = [str(c) for c in self.pipeline.classes_]
+            rows = np.asarray(self.pipeline.predict_proba(texts), dtype=float)
+            return [self._from_row(classes, row) for row in rows]
+        return [Prediction(str(label), 1.0, {k: float(k == label) for k in LABELS})
+                for label in self.pipeline.predict(texts)]
+
+    @staticmethod
+    def _from_row(classes: Sequence[str], row: np.ndarray) -> Prediction:
+        """A prediction from one row of class probabilities."""
+        scores = {label: 0.0 for label in LABELS} | {c: float(p) for c, p in zip(classes, row, strict=True)}
+        best = int(row.argmax())
+        return Prediction(classes[best], float(row[best]), scores)
+
+
+def load_baseline(settings: Settings) -> BatchClassifier | None:
+    """The degraded mode's TF-IDF baseline: the saved pipeline, else one fitted now; None when neither works."""
+    from fintune.baselines import build_pipeline, load_pipeline
+
+    name = settings.serving.baseline_model
+    path = settings.serving.baseline_path or settings.output_dir / "baselines" / settings.data.subset / f"{name}.joblib"
+    label = f"tfidf-{name}"
+    try:
+        if path.is_file():
+            return BaselineClassifier(load_pipeline(path), label, settings.profile, f"file:{path.name}")
+        from fintune.data import load_splits
+
+        splits = load_splits(settings)
+        pipeline = build_pipeline(name, settings.baselines)
+        pipeline.fit([e.text for e in splits.train], [e.label for e in splits.train])
+        return BaselineClassifier(pipeline, label, settings.profile, f"fitted:{splits.fingerprint[:12]}")
+    except (ArtifactError, DataError, OSError, ValueError) as exc:
+        logger.warning("degraded mode unavailable: no TF-IDF baseline (%s)", exc)
+        return None
+
+
+def service_version() -> str:
+    """The fintune package version the service reports."""
+    return __version__

@@ -1,0 +1,322 @@
+"""The request pipeline: validate -> PII guard -> breaker-wrapped model -> output checks -> monitor -> answer.
+
+:class:`ClassificationPipeline` is shared by the HTTP service (through the micro-batcher) and the offline
+``fintune classify`` command, so both run exactly the same steps. For one batch of texts
+(:meth:`~ClassificationPipeline.process_batch`, run in the batcher's worker thread):
+
+1. the guard masks PII in every text (one spaCy pass); if it fails the batch fails closed: nothing
+   unmasked goes further;
+2. the model classifies the masked texts through the RecoveryManager and the circuit breaker;
+3. when the model is not ready, failed, or its breaker is open: the TF-IDF baseline answers with
+   ``degraded: true`` (``serving.degraded_mode: baseline``), or each item gets a 503 error (``fail``);
+4. the guard's output checks (low confidence, invalid label) are added to each result.
+
+:meth:`~ClassificationPipeline.record` then records each item in the monitor. Texts are logged only redacted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fintune import LABELS
+from fintune.config import RecoverySettings, Settings
+from fintune.errors import CircuitOpenError, InvalidInputError
+from fintune.guardrails import GuardrailResult
+from fintune.reliability import BreakerState, CircuitBreaker, RecoveryManager
+from fintune.serving.model_adapter import BatchClassifier, Prediction, with_faults
+
+logger = logging.getLogger(__name__)
+ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+class Guard(Protocol):
+    """What the pipeline needs of the PII guard (fintune.guardrails.PIIGuard)."""
+
+    def redact_batch(self, texts: list[str]) -> list[GuardrailResult]:
+        """Masked texts, in order."""
+        ...
+
+    def check_output(self, result: GuardrailResult, label: str, confidence: float) -> GuardrailResult:
+        """``result`` with low_confidence and invalid_label set."""
+        ...
+
+
+class Monitor(Protocol):
+    """What the pipeline needs of the monitor (fintune.monitoring.SystemMonitor)."""
+
+    def record(self, latency_s: float, label: str | None = None, error: BaseException | str | None = None) -> None:
+        """Record one request."""
+        ...
+
+    def record_pii(self, entity_type: str, count: int = 1) -> None:
+        """Count masked PII."""
+        ...
+
+    def record_fallback(self, reason: str = "fallback") -> None:
+        """Count a degraded answer."""
+        ...
+
+    def recent_latencies(self) -> list[float]:
+        """Latencies of the recent requests."""
+        ...
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """Why one text got no answer, with the HTTP status it maps to."""
+
+    code: str
+    message: str
+    status: int
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelTag:
+    """Which model answered."""
+
+    name: str
+    profile: str
+    version: str
+
+
+@dataclass(frozen=True)
+class ItemOutcome:
+    """One text's outcome: a prediction with its guardrail result, or an error."""
+
+    prediction: Prediction | None = None
+    guardrail: GuardrailResult | None = None
+    degraded: bool = False
+    model: ModelTag | None = None
+    error: ItemError | None = None
+
+
+def validate_text(text: str, max_chars: int) -> str:
+    """``text`` itself when it is classifiable; InvalidInputError saying what is wrong otherwise."""
+    if not text.strip():
+        raise InvalidInputError("text is empty or only whitespace: send at least one word")
+    if len(text) > max_chars:
+        raise InvalidInputError(
+            f"text has {len(text)} characters, more than the limit of {max_chars} (serving.max_text_chars): "
+            "split it, or send it to /v1/analyze"
+        )
+    for index, char in enumerate(text):
+        category = unicodedata.category(char)
+        if category == "Cs":
+            raise InvalidInputError(f"text is not valid Unicode: lone surrogate U+{ord(char):04X} at {index}")
+        if category == "Cc" and char not in ALLOWED_CONTROLS:
+            raise InvalidInputError(
+                f"text holds control character U+{ord(char):04X} at position {index}; only tab and newlines "
+                "are allowed"
+            )
+    return text
+
+
+class ModelSlot:
+    """The served model: whether it is loaded, and the RecoveryManager (with the breaker) that calls it."""
+
+    def __init__(
+        self, loader: Callable[[], BatchClassifier], settings: Settings, breaker: CircuitBreaker
+    ) -> None:
+        """Nothing is loaded until :meth:`load`."""
+        self.loader = loader
+        self.faults = settings.serving.faults
+        self.recovery_settings: RecoverySettings = settings.reliability.recovery
+        self.breaker = breaker
+        self.state = "loading"
+        self.error: str | None = None
+        self.recovery: RecoveryManager[BatchClassifier] | None = None
+        self.tag: ModelTag | None = None
+
+    def load(self) -> None:
+        """Load the model (slow; call it in a thread); on failure the slot stays not ready."""
+        try:
+            model = with_faults(self.loader(), self.faults)
+        except Exception as exc:  # any loader failure leaves the service up, degraded
+            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+            logger.error("model load failed, serving degraded: %s", self.error)
+            return
+        self.recovery = RecoveryManager(
+            lambda: with_faults(self.loader(), self.faults), self.recovery_settings, breaker=self.breaker,
+            model=model,
+        )
+        self.tag = ModelTag(model.name, model.profile, model.version)
+        self.state = "ready"
+        logger.info("model ready: %s (%s, %s)", model.name, model.profile, model.version)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the model can be called."""
+        return self.state == "ready" and self.recovery is not None
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        """The model's predictions through recovery and breaker (CircuitOpenError while OPEN)."""
+        assert self.recovery is not None
+        return self.recovery.call(lambda model: model.classify(texts))
+
+
+class ClassificationPipeline:
+    """Guard, breaker-wrapped model, degraded fallback, output checks and monitoring for batches of texts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        guard: Guard,
+        breaker: CircuitBreaker,
+        monitor: Monitor,
+        slot: ModelSlot,
+        fallback: BatchClassifier | None,
+    ) -> None:
+        """Wire the parts; nothing is loaded here."""
+        self.settings = settings
+        self.serving = settings.serving
+        self.guard = guard
+        self.breaker = breaker
+        self.monitor = monitor
+        self.slot = slot
+        self.fallback = fallback
+        self.fallback_tag = None if fallback is None else ModelTag(fallback.name, fallback.profile, fallback.version)
+        self._latency_lock = threading.Lock()
+
+    # ---- validation ----------------------------------------------------------------------------------------
+    def validate(self, text: str) -> str:
+        """The text when classifiable, else InvalidInputError (empty, too long, control characters)."""
+        return validate_text(text, self.serving.max_text_chars)
+
+    def validation_error(self, text: str) -> ItemError | None:
+        """The validation problem of one text as an ItemError, or None."""
+        try:
+            self.validate(text)
+        except InvalidInputError as exc:
+            return ItemError("invalid_input", str(exc), 422)
+        return None
+
+    @property
+    def degraded_available(self) -> bool:
+        """Whether a degraded answer is possible."""
+        return self.serving.degraded_mode == "baseline" and self.fallback is not None
+
+    # ---- the batch path (worker thread) --------------------------------------------------------------------
+    def process_batch(self, texts: list[str]) -> list[ItemOutcome]:
+        """Guard, classify and check a batch of already validated texts; one outcome per text."""
+        try:
+            guarded = self.guard.redact_batch(texts)
+        except Exception as exc:  # fail closed: an unguarded text never reaches the model or the logs
+            logger.exception("PII guard failed on a batch of %d texts", len(texts))
+            error = ItemError("guardrail_failed", f"the PII guard failed ({type(exc).__name__}); retry later", 500)
+            return [ItemOutcome(error=error) for _ in texts]
+        masked = [g.redacted_text for g in guarded]
+        predictions, degraded, tag, error = self._predict(masked)
+        if error is not None:
+            return [ItemOutcome(guardrail=g, error=error) for g in guarded]
+        outcomes = [self._checked(g, p, degraded, tag) for g, p in zip(guarded, predictions, strict=True)]
+        for text, outcome in zip(masked, outcomes, strict=True):
+            label = outcome.prediction.label if outcome.prediction else None
+            logger.debug("classified %r -> %s (degraded %s)", text[:120], label, degraded)
+        return outcomes
+
+    def _predict(self, masked: list[str]) -> tuple[list[Prediction], bool, ModelTag | None, ItemError | None]:
+        """The model's predictions, else the baseline's (degraded), else an error for every item."""
+        reason = "model_not_ready"
+        if self.slot.ready:
+            try:
+                predictions = self.slot.classify(masked)
+                self._check_latency(len(masked))
+                return predictions, False, self.slot.tag, None
+            except CircuitOpenError:
+                reason = "breaker_open"
+            except Exception as exc:  # the model failed: the breaker has counted it; answer degraded or fail
+                reason = "model_error"
+                logger.warning("model call failed on %d texts: %s: %s", len(masked), type(exc).__name__, exc)
+        return self._degraded(masked, reason)
+
+    def _degraded(
+        self, masked: list[str], reason: str
+    ) -> tuple[list[Prediction], bool, ModelTag | None, ItemError | None]:
+        """The baseline's answer, or a 503 error when the degraded mode is off or fails too."""
+        retry = max(1.0, round(self.breaker.retry_after_s()))
+        if self.degraded_available:
+            assert self.fallback is not None
+            try:
+                predictions = self.fallback.classify(masked)
+            except Exception as exc:  # the baseline failing too leaves only the error
+                logger.exception("degraded baseline failed: %s", exc)
+            else:
+                for _ in masked:
+                    self.monitor.record_fallback(reason)
+                return predictions, True, self.fallback_tag, None
+        message = {
+            "model_not_ready": f"the model is {self.slot.state}",
+            "breaker_open": "the model failed repeatedly and its circuit breaker is open",
+            "model_error": "the model failed on this batch",
+        }[reason]
+        hint = "" if self.degraded_available else " (the degraded mode is off or has no baseline)"
+        return [], False, None, ItemError("model_unavailable", f"{message}{hint}; retry later", 503, retry)
+
+    def _checked(self, guarded: GuardrailResult, p: Prediction, degraded: bool, tag: ModelTag | None) -> ItemOutcome:
+        """Apply the output checks; an invalid label becomes an error."""
+        checked = self.guard.check_output(guarded, p.label, p.confidence)
+        if checked.invalid_label or p.label not in LABELS:
+            error = ItemError("invalid_label", "the model produced a label outside negative/neutral/positive", 502)
+            return ItemOutcome(guardrail=checked, error=error, degraded=degraded, model=tag)
+        return ItemOutcome(prediction=p, guardrail=checked, degraded=degraded, model=tag)
+
+    def _check_latency(self, batch_size: int) -> None:
+        """Let the RecoveryManager look for a latency spike (it logs one diagnostic per episode)."""
+        recovery = self.slot.recovery
+        if recovery is not None:
+            recovery.check_latency(self.monitor.recent_latencies(), batch_size=batch_size)
+
+    # ---- after the batch (event loop or CLI) ---------------------------------------------------------------
+    def record(self, outcome: ItemOutcome, latency_s: float) -> None:
+        """Record one item in the monitor: latency, label (model answers only), server error, masked PII.
+
+        A client's mistake (a 4xx such as invalid input) is not recorded: it says nothing of the service's health.
+        """
+        if outcome.error is not None and outcome.error.status < 500:
+            return
+        g = outcome.guardrail
+        if g is not None and g.pii_detected:
+            if len(g.pii_types) == 1:
+                self.monitor.record_pii(g.pii_types[0], g.pii_count)
+            else:
+                for entity in g.pii_types:
+                    self.monitor.record_pii(entity)
+        if outcome.error is not None:
+            self.monitor.record(latency_s, error=outcome.error.code)
+        else:
+            label = None if outcome.degraded or outcome.prediction is None else outcome.prediction.label
+            self.monitor.record(latency_s, label=label)
+
+    def classify_offline(self, texts: list[str]) -> list[ItemOutcome]:
+        """The whole pipeline for texts in this thread (the CLI): validation errors become error outcomes."""
+        started = time.perf_counter()
+        errors = [self.validation_error(t) for t in texts]
+        valid = [t for t, e in zip(texts, errors, strict=True) if e is None]
+        processed = iter(self.process_batch(valid) if valid else [])
+        outcomes = [ItemOutcome(error=e) if e is not None else next(processed) for e in errors]
+        latency = time.perf_counter() - started
+        for outcome in outcomes:
+            self.record(outcome, latency)
+        return outcomes
+
+    def breaker_state(self) -> str:
+        """The breaker's state name."""
+        return BreakerState(self.breaker.state).value
+
+    def describe(self) -> dict[str, Any]:
+        """Model, breaker and degraded-mode state for /readyz and /metrics/json."""
+        return {
+            "model": self.slot.state,
+            "model_error": self.slot.error,
+            "breaker": self.breaker.snapshot(),
+            "degraded_mode": self.serving.degraded_mode,
+            "degraded_available": self.degraded_available,
+        }

@@ -1,0 +1,34 @@
+"""POST /v1/classify and /v1/classify/batch."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from fintune.serving.dependencies import get_request_id, get_services, require_api_key
+from fintune.serving.schemas import BatchRequest, BatchResponse, ClassifyRequest, ClassifyResponse, ErrorResponse
+from fintune.serving.service import Services
+
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
+router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+@router.post("/classify", response_model=ClassifyResponse, summary="Classify one text")
+async def classify(
+    body: ClassifyRequest,
+    services: Annotated[Services, Depends(get_services)],
+    request_id: Annotated[str, Depends(get_request_id)],
+) -> dict:
+    """Label, scores and confidence of one text, after PII masking; degraded when the baseline answered."""
+    return {**await services.classify(body.text), "request_id": request_id}
+
+
+@router.post("/classify/batch", response_model=BatchResponse, summary="Classify several texts")
+async def classify_batch(
+    body: BatchRequest,
+    services: Annotated[Services, Depends(get_services)],
+    request_id: Annotated[str, Depends(get_request_id)],
+) -> dict:
+    """One entry per text, in input order; a bad text gets its own error and does not fail the others."""
+    return {**await services.classify_batch(body.texts), "request_id": request_id}

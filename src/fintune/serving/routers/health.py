@@ -1,0 +1,46 @@
+"""GET /healthz (the process is alive) and GET /readyz (model loaded and breaker not open); both open."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+
+from fintune.serving.dependencies import get_request_id, get_services
+from fintune.serving.schemas import HealthResponse
+from fintune.serving.service import Services
+
+router = APIRouter(tags=["health"])
+
+
+def _body(services: Services, status: str, request_id: str) -> dict:
+    """The HealthResponse fields."""
+    pipeline = services.pipeline
+    return {
+        "status": status,
+        "model": pipeline.slot.state if pipeline else "loading",
+        "breaker": services.breaker.state.value,
+        "degraded_available": bool(pipeline and pipeline.degraded_available),
+        "request_id": request_id,
+    }
+
+
+@router.get("/healthz", response_model=HealthResponse, summary="Liveness")
+async def healthz(
+    services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
+) -> dict:
+    """200 while the process serves HTTP."""
+    return _body(services, "ok", request_id)
+
+
+@router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
+            summary="Readiness")
+async def readyz(
+    services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
+) -> JSONResponse:
+    """200 when the model is loaded and the breaker is not open, else 503."""
+    pipeline = services.pipeline
+    ready = bool(pipeline and pipeline.slot.ready and services.breaker.state.value != "open")
+    body = _body(services, "ready" if ready else "not_ready", request_id)
+    return JSONResponse(body, status_code=200 if ready else 503)

@@ -1,0 +1,255 @@
+"""The service's parts held together: built by the app factory, started and stopped by its lifespan.
+
+:class:`Services` owns the guard, breaker, monitor, model slot, degraded-mode baseline, pipeline and
+micro-batcher of one app, and the three request operations the routers call (:meth:`Services.classify`,
+:meth:`Services.classify_batch`, :meth:`Services.analyze`): validate, submit to the batcher, record in the
+monitor, and turn outcomes into response bodies. Routers stay thin; everything here is testable in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fintune.config import Settings
+from fintune.errors import FinTuneError, InvalidInputError, ServiceOverloadedError
+from fintune.monitoring import SystemMonitor, load_drift_baseline
+from fintune.reliability import CircuitBreaker
+from fintune.serving import documents
+from fintune.serving.batching import MicroBatcher
+from fintune.serving.model_adapter import BatchClassifier, load_baseline, load_classifier, model_dir
+from fintune.serving.pipeline import ClassificationPipeline, Guard, ItemError, ItemOutcome, ModelSlot
+from fintune.serving.security import ApiKeyChecker
+
+logger = logging.getLogger(__name__)
+AUTO: Literal["auto"] = "auto"
+"""Build this part from the settings at start-up."""
+ClassifierSource = BatchClassifier | Callable[[], BatchClassifier] | None
+
+
+class ItemFailedError(FinTuneError):
+    """A single-text request whose item ended in an error (mapped to the item's HTTP status)."""
+
+    def __init__(self, error: ItemError) -> None:
+        self.error = error
+        super().__init__(error.message)
+
+
+@dataclass
+class Services:
+    """Everything one app instance serves with."""
+
+    settings: Settings
+    classifier: ClassifierSource
+    guard: Guard | None
+    breaker: CircuitBreaker
+    monitor: SystemMonitor
+    fallback: BatchClassifier | None | Literal["auto"]
+    pipeline: ClassificationPipeline | None = None
+    batcher: MicroBatcher[str, ItemOutcome] | None = None
+    api_key: ApiKeyChecker | None = None
+    _model_task: asyncio.Task[None] | None = None
+    _uninstall_redaction: Callable[[], None] | None = None
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the guard and the baseline, start the batcher, and load the model in the background."""
+        self.api_key = ApiKeyChecker(self.settings.serving.api_key)
+        if self.guard is None:
+            from fintune.guardrails import PIIGuard
+
+            self.guard = await asyncio.to_thread(PIIGuard.from_settings, self.settings.guardrails)
+        self._install_log_redaction()
+        if self.fallback == AUTO:
+            self.fallback = await asyncio.to_thread(load_baseline, self.settings)
+        slot = ModelSlot(self._loader(), self.settings, self.breaker)
+        self.breaker.add_listener(self.monitor.on_breaker_transition)
+        self.monitor.set_breaker_state(self.breaker.state.value)
+        self.pipeline = ClassificationPipeline(
+            self.settings, guard=self.guard, breaker=self.breaker, monitor=self.monitor, slot=slot,
+            fallback=self.fallback,
+        )
+        s = self.settings.serving
+        self.batcher = MicroBatcher(
+            self.pipeline.process_batch, max_batch_size=s.micro_batch_size, max_wait_ms=s.micro_batch_wait_ms,
+            max_queue=s.queue_size,
+        )
+        await self.batcher.start()
+        self._model_task = asyncio.create_task(self._load_model(slot), name="fintune-model-load")
+
+    async def stop(self) -> None:
+        """Finish every queued item, then stop the batcher and undo the log redaction."""
+        if self.batcher is not None:
+            await self.batcher.stop()
+        if self._uninstall_redaction is not None:
+            self._uninstall_redaction()
+            self._uninstall_redaction = None
+        logger.info("service stopped")
+
+    def _install_log_redaction(self) -> None:
+        """Redact every log record from now on, when the settings ask for it and the guard can."""
+        if self.settings.guardrails.redact_logs and hasattr(self.guard, "analyzer"):
+            from fintune.guardrails import install_log_redaction
+
+            self._uninstall_redaction = install_log_redaction(self.guard)  # type: ignore[arg-type]
+
+    def _loader(self) -> Callable[[], BatchClassifier]:
+        """What loads (and reloads) the model."""
+        source = self.classifier
+        if source is None:
+            return lambda: load_classifier(self.settings)
+        if isinstance(source, BatchClassifier):
+            return lambda: source
+        return source
+
+    async def _load_model(self, slot: ModelSlot) -> None:
+        """Load the model off the event loop; then wire drift detection when a baseline file exists."""
+        await asyncio.to_thread(slot.load)
+        if slot.recovery is not None:
+            self.monitor.on_drift(slot.recovery.handle_drift)
+            try:
+                self.monitor.set_drift_baseline(load_drift_baseline(model_dir(self.settings)))
+            except (FinTuneError, OSError, ValueError) as exc:
+                logger.info("no drift baseline (%s): drift detection is off", exc)
+
+    async def wait_until_loaded(self) -> None:
+        """Return once the background model load has finished (ready or failed)."""
+        if self._model_task is not None:
+            await asyncio.shield(self._model_task)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def _parts(self) -> tuple[ClassificationPipeline, MicroBatcher[str, ItemOutcome]]:
+        """The started pipeline and batcher."""
+        if self.pipeline is None or self.batcher is None:
+            raise ServiceOverloadedError(0, 0, 1.0)
+        return self.pipeline, self.batcher
+
+    async def _submit(self, texts: list[str], started: float) -> list[ItemOutcome]:
+        """Submit validated texts; an overload is recorded in the monitor and re-raised."""
+        pipeline, batcher = self._parts()
+        try:
+            return await batcher.submit_many(texts)
+        except ServiceOverloadedError:
+            self.monitor.record(time.perf_counter() - started, error="overloaded")
+            raise
+
+    async def classify(self, text: str) -> dict[str, Any]:
+        """One text: its classification (ItemFailedError when it has none)."""
+        started = time.perf_counter()
+        pipeline, _ = self._parts()
+        pipeline.validate(text)
+        outcome = (await self._submit([text], started))[0]
+        latency = time.perf_counter() - started
+        pipeline.record(outcome, latency)
+        if outcome.error is not None:
+            raise ItemFailedError(outcome.error)
+        return {**classification(outcome), "latency_ms": round(latency * 1000, 3)}
+
+    async def classify_batch(self, texts: list[str]) -> dict[str, Any]:
+        """Several texts: one entry per text in order; bad texts get their own error."""
+        started = time.perf_counter()
+        pipeline, _ = self._parts()
+        limit = self.settings.serving.max_batch_items
+        if not texts:
+            raise InvalidInputError(f"texts is empty: send 1 to {limit} texts")
+        if len(texts) > limit:
+            raise InvalidInputError(
+                f"texts holds {len(texts)} items, more than the limit of {limit} (serving.max_batch_items): "
+                "split the batch"
+            )
+        errors = [pipeline.validation_error(t) for t in texts]
+        valid = [t for t, e in zip(texts, errors, strict=True) if e is None]
+        processed = iter(await self._submit(valid, started) if valid else [])
+        outcomes = [ItemOutcome(error=e) if e is not None else next(processed) for e in errors]
+        latency = time.perf_counter() - started
+        for outcome in outcomes:
+            pipeline.record(outcome, latency)
+        _raise_if_all_unavailable(outcomes)
+        return {
+            "results": [batch_item(i, o) for i, o in enumerate(outcomes)],
+            "errors": sum(o.error is not None for o in outcomes),
+            "degraded": sum(o.degraded and o.error is None for o in outcomes),
+            "latency_ms": round(latency * 1000, 3),
+        }
+
+    async def analyze(self, document: str) -> dict[str, Any]:
+        """A document: per-sentence results (redacted) and the aggregate."""
+        started = time.perf_counter()
+        pipeline, _ = self._parts()
+        s = self.settings.serving
+        if len(document) > s.max_document_chars or not document.strip():
+            documents.check_document(document, s.max_document_chars, s.max_document_sentences, [])
+        sentences = await asyncio.to_thread(documents.split_sentences, document)
+        documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
+        sentences = [_fit(sentence, s.max_text_chars) for sentence in sentences]
+        for sentence in sentences:
+            pipeline.validate(sentence)
+        outcomes = await self._submit(sentences, started)
+        latency = time.perf_counter() - started
+        for outcome in outcomes:
+            pipeline.record(outcome, latency)
+        _raise_if_all_unavailable(outcomes)
+        results = [sentence_result(i, o) for i, o in enumerate(outcomes) if o.error is None]
+        return {
+            "aggregate": documents.aggregate(results),
+            "results": results,
+            "latency_ms": round(latency * 1000, 3),
+        }
+
+
+def _fit(sentence: str, max_chars: int) -> str:
+    """A sentence cut to the per-text limit (a run-on 'sentence' of a filing table can be very long)."""
+    return sentence if len(sentence) <= max_chars else sentence[:max_chars]
+
+
+def _raise_if_all_unavailable(outcomes: list[ItemOutcome]) -> None:
+    """Fail the whole request (503) when every item failed because the model is unavailable."""
+    errors = [o.error for o in outcomes]
+    if errors and all(e is not None and e.code == "model_unavailable" for e in errors):
+        assert errors[0] is not None
+        raise ItemFailedError(errors[0])
+
+
+def error_info(error: ItemError) -> dict[str, Any]:
+    """An ItemError as the ErrorInfo body."""
+    return {"code": error.code, "message": error.message, "retry_after_s": error.retry_after_s}
+
+
+def classification(outcome: ItemOutcome) -> dict[str, Any]:
+    """A successful outcome as the Classification body."""
+    assert outcome.prediction is not None and outcome.guardrail is not None and outcome.model is not None
+    p, m = outcome.prediction, outcome.model
+    return {
+        "label": p.label,
+        "scores": p.scores,
+        "confidence": p.confidence,
+        "guardrail": outcome.guardrail.model_dump(),
+        "degraded": outcome.degraded,
+        "model": {"name": m.name, "profile": m.profile, "version": m.version},
+    }
+
+
+def batch_item(index: int, outcome: ItemOutcome) -> dict[str, Any]:
+    """One BatchItem body."""
+    if outcome.error is not None:
+        return {"index": index, "result": None, "error": error_info(outcome.error)}
+    return {"index": index, "result": classification(outcome), "error": None}
+
+
+def sentence_result(index: int, outcome: ItemOutcome) -> dict[str, Any]:
+    """One SentenceResult body (the sentence as the model saw it: redacted)."""
+    assert outcome.prediction is not None and outcome.guardrail is not None
+    p, g = outcome.prediction, outcome.guardrail
+    return {
+        "index": index,
+        "text": g.redacted_text,
+        "label": p.label,
+        "confidence": p.confidence,
+        "scores": p.scores,
+        "degraded": outcome.degraded,
+        "pii_types": g.pii_types,
+    }

@@ -1,0 +1,72 @@
+"""`fintune guard TEXT`, `fintune guard --jsonl FILE` and `fintune guard-eval`, run in-process through main()."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fintune.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _no_log_redaction_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI installs log redaction process-wide; keep it out of the other tests."""
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__REDACT_LOGS", "false")
+
+
+def test_guard_text_prints_one_result(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["guard", "Wire EUR 500 to account 0012345678, SSN 536-22-8145."]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["redacted_text"] == "Wire EUR 500 to account <ACCOUNT_NUMBER>, SSN <US_SSN>."
+    assert result["pii_types"] == ["ACCOUNT_NUMBER", "US_SSN"] and result["pii_count"] == 2
+
+
+def test_guard_jsonl_prints_one_result_per_line_in_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    texts = ["call 201.555.0123", "Profit rose 12 % to EUR 3.1 mn in Q3 2009.", "mail li.wang@example.org"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)) + "\n\n")
+    assert main(["guard", "--jsonl", str(source)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line)["redacted_text"] for line in lines] == [
+        "call <PHONE_NUMBER>", texts[1], "mail <EMAIL_ADDRESS>"
+    ]
+
+
+def test_bad_jsonl_line_names_the_line_not_its_pii(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "bad.jsonl"
+    source.write_text('{"text": "fine"}\n{"txt": "SSN 536-22-8145"}\n')
+    assert main(["guard", "--jsonl", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "'text'" in err and "536-22-8145" not in err
+
+
+def test_guard_needs_exactly_one_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["guard"]) == 2
+    assert "exactly one" in capsys.readouterr().err
+
+
+def test_guard_eval_writes_figures_with_provenance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_SAMPLES_PER_TEMPLATE", "3")
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_LATENCY_SAMPLES", "20")
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_CLEAN_SENTENCES", "200")
+    output = tmp_path / "guardrails.json"
+    assert main(["guard-eval", "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["provenance"]["command"] and report["provenance"]["machine"]["cores"]
+    assert "presidio-analyzer" in report["provenance"]["versions"]
+    held_out = report["synthetic_eval"]
+    assert held_out["sentences"] == 3 * held_out["templates"]
+    assert set(held_out["per_entity"]) == set(report["synthetic_dev"]["per_entity"])
+    assert held_out["leak_rate"] == 0 and held_out["min_recall"] == 1.0
+    latency = report["latency"]
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] and latency["sentences"] == 20
+    if "clean_phrasebank" in report:  # the shared PhraseBank is present
+        assert report["clean_phrasebank"]["sentences"] == 200 and report["data"]["source_sha256"]
+    else:
+        assert "skipped" in report["data"]
+    assert set(report["targets"]) >= {"eval_leak_rate_is_0", "batch_faster_per_sentence"}
+    assert "written to" in capsys.readouterr().out

@@ -1,0 +1,87 @@
+"""Log records never carry PII: the redacting record factory and filter, checked by capturing all log output."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from fintune.guardrails import PIIGuard, PIIRedactingFilter, install_log_redaction
+
+SECRETS = ["536-22-8145", "4111 1111 1111 1111", "anna.virtanen+ir@example.com", "+358 40 123 4567", "0012345678"]
+REQUEST = (
+    f"Client SSN {SECRETS[0]} paid with card {SECRETS[1]}; reply to {SECRETS[2]} or call {SECRETS[3]}; "
+    f"refund to account {SECRETS[4]}. Revenue rose 12 % to EUR 3.1 mn in Q3 2009."
+)
+
+
+@pytest.fixture
+def all_log_output() -> Iterator[io.StringIO]:
+    """Everything any logger emits at DEBUG and above, formatted with tracebacks, into one buffer."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    saved_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield buffer
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+
+
+def _assert_clean(output: str) -> None:
+    for secret in SECRETS:
+        assert secret not in output
+    assert "536" not in output and "4111" not in output and "virtanen" not in output
+
+
+def test_guarding_a_request_with_logging_on_leaks_nothing(
+    guard: PIIGuard, all_log_output: io.StringIO, caplog: pytest.LogCaptureFixture
+) -> None:
+    uninstall = install_log_redaction(guard)
+    try:
+        caplog.set_level(logging.DEBUG)
+        log = logging.getLogger("fintune.serving.requests")
+        log.info("received request: %s", REQUEST)                 # %-style arguments
+        log.warning(f"raw text slipped into an f-string: {REQUEST}")  # already-formatted message
+        logging.getLogger("uvicorn.error").debug("payload=%r", {"text": REQUEST})
+        try:
+            raise ValueError(f"cannot score {REQUEST}")
+        except ValueError:
+            log.exception("prediction failed")                   # traceback text carries the PII too
+        result = guard.redact(REQUEST)
+        log.info("guarded: %s", result.to_json())
+    finally:
+        uninstall()
+    output = all_log_output.getvalue() + "\n".join(r.getMessage() for r in caplog.records) + caplog.text
+    _assert_clean(output)
+    assert "received request" in output and "<US_SSN>" in output and "EUR 3.1 mn in Q3 2009" in output
+    assert "ValueError: cannot score" in output and "prediction failed" in output
+
+
+def test_uninstall_restores_the_previous_factory(guard: PIIGuard) -> None:
+    before = logging.getLogRecordFactory()
+    uninstall = install_log_redaction(guard)
+    assert logging.getLogRecordFactory() is not before
+    uninstall()
+    assert logging.getLogRecordFactory() is before
+
+
+def test_filter_on_one_handler_redacts_its_records(guard: PIIGuard) -> None:
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.addFilter(PIIRedactingFilter(guard))
+    log = logging.getLogger("fintune.test.filter")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.warning("card %s declined", SECRETS[1])
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    assert buffer.getvalue().strip() == "card <CREDIT_CARD> declined"

@@ -1,0 +1,122 @@
+"""The guard masks financial PII in many formats, keeps the financial signal, and reports without raw PII."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fintune.config import PII_ENTITIES, GuardrailSettings
+from fintune.errors import GuardrailError
+from fintune.guardrails import GuardrailResult, PIIGuard
+from fintune.guardrails.evaluation import Case, leaks
+
+PII_CASES = [
+    ("US_SSN", "Client SSN 536-22-8145 on file.", "536-22-8145"),
+    ("US_SSN", "SSN 123-45-6789 is a published sample but still PII here.", "123-45-6789"),
+    ("US_SSN", "Social security number 078 05 1120 was reused.", "078 05 1120"),
+    ("US_SSN", "ssn: 666123456 failed the KYC check.", "666123456"),
+    ("US_SSN", "Applicant SSN 912-34-5678 (area 9xx).", "912-34-5678"),
+    ("US_SSN", "Form shows 000-12-3456 for the trustee.", "000-12-3456"),
+    ("CREDIT_CARD", "Charge card 4111 1111 1111 1111 for USD 499.", "4111 1111 1111 1111"),
+    ("CREDIT_CARD", "Amex 3782-822463-10005 paid the fee.", "3782-822463-10005"),
+    ("CREDIT_CARD", "Mastercard 2221000000000009 was declined.", "2221000000000009"),
+    ("EMAIL_ADDRESS", "Mail a.virtanen+ir@ir.example.co.uk today.", "a.virtanen+ir@ir.example.co.uk"),
+    ("PHONE_NUMBER", "Call the desk at 201.555.0123 before noon.", "201.555.0123"),
+    ("PHONE_NUMBER", "Investor hotline +44 20 7946 0958 is open.", "+44 20 7946 0958"),
+    ("PHONE_NUMBER", "Dial +49.30.1234567 for the rights issue.", "+49.30.1234567"),
+    ("PHONE_NUMBER", "CFO mobile +358 40 123 4567 regarding Q3.", "+358 40 123 4567"),
+    ("PHONE_NUMBER", "Ring 040 123 4567 in Helsinki.", "040 123 4567"),
+    ("IBAN_CODE", "Transfer EUR 1,200 to DE89 3704 0044 0532 0130 00 by Friday.", "DE89 3704 0044 0532 0130 00"),
+    ("IBAN_CODE", "Refund to FI2112345600000785 please.", "FI2112345600000785"),
+    ("ACCOUNT_NUMBER", "Wire USD 25,000 to account 0012345678 today.", "0012345678"),
+    ("ACCOUNT_NUMBER", "Client acct # 12-3456-78 gained 6 %.", "12-3456-78"),
+    ("ABA_ROUTING_NUMBER", "Use routing number 021000021 for the ACH transfer.", "021000021"),
+    ("ABA_ROUTING_NUMBER", "The bank's routing no. 123456780 was rejected.", "123456780"),
+]
+
+FINANCIAL_SIGNAL = [
+    "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007 .",
+    "Net sales increased by 12.5 % to USD 1,234.5 million in Q3 2009 .",
+    "Nokia 's shares fell 3.4 % to EUR 8.92 in Helsinki on 15 March 2010 .",
+    "The EUR 300 mn bond matures in 2015 and carries a coupon of 4.25 % .",
+    "H1 '08 pre-tax profit was SEK 1,250 million , up from SEK 980 million in H1 '07 .",
+    "Apple Inc. and Goldman Sachs agreed a USD 2.1 bn deal in New York in January-June 2009 .",
+    "The company expects 2010 net sales of EUR 164.7 mn - EUR 170.0 mn , compared with 2,500,000 units .",
+]
+
+
+@pytest.mark.parametrize(("entity", "text", "value"), PII_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(PII_CASES)])
+def test_each_pii_format_is_masked_by_its_type(guard: PIIGuard, entity: str, text: str, value: str) -> None:
+    result = guard.redact(text)
+    assert value not in result.redacted_text
+    assert f"<{entity}>" in result.redacted_text
+    assert entity in result.pii_types and result.pii_detected and result.pii_count >= 1
+    case = Case(text, value, text.index(value), entity, "handwritten", text, "test")
+    assert not leaks(case, result.redacted_text)
+
+
+@pytest.mark.parametrize("text", FINANCIAL_SIGNAL)
+def test_amounts_percentages_years_quarters_and_currencies_survive(guard: PIIGuard, text: str) -> None:
+    result = guard.redact(text)
+    assert result.redacted_text == text
+    assert (result.pii_detected, result.pii_types, result.pii_count) == (False, [], 0)
+
+
+def test_default_entity_set_is_pii_only() -> None:
+    entities = set(GuardrailSettings().entities)
+    assert entities == set(PII_ENTITIES)
+    assert not entities & {"ORGANIZATION", "DATE_TIME", "LOCATION", "NRP", "PERSON"}
+
+
+def test_result_carries_types_and_counts_never_raw_values_or_offsets(guard: PIIGuard) -> None:
+    text = "SSN 536-22-8145, card 4111-1111-1111-1111, mail john.smith@example.com, acct 0012345678."
+    result = guard.redact(text)
+    assert set(GuardrailResult.model_fields) == {
+        "redacted_text", "pii_detected", "pii_types", "pii_count", "low_confidence", "invalid_label"
+    }
+    assert result.pii_types == ["ACCOUNT_NUMBER", "CREDIT_CARD", "EMAIL_ADDRESS", "US_SSN"]
+    assert result.pii_count == 4
+    dumped = result.to_json()
+    for raw in ("536-22-8145", "4111", "john.smith", "0012345678"):
+        assert raw not in dumped
+    assert not any(key in json.loads(dumped) for key in ("start", "end", "offsets", "spans", "values"))
+
+
+def test_batch_path_matches_one_by_one_in_order(guard: PIIGuard) -> None:
+    texts = [case[1] for case in PII_CASES[::3]] + FINANCIAL_SIGNAL[:3] + [""]
+    assert guard.redact_batch(texts) == [guard.redact(text) for text in texts]
+
+
+def test_output_checks_flag_low_confidence_and_invalid_labels(guard: PIIGuard) -> None:
+    result = guard.redact("Profit rose 5 %.")
+    confident = guard.check_output(result, "positive", 0.91)
+    assert (confident.low_confidence, confident.invalid_label) == (False, False)
+    doubtful = guard.check_output(result, "Positive ", 0.59)
+    assert (doubtful.low_confidence, doubtful.invalid_label) == (True, False)
+    free_text = guard.check_output(result, "The sentiment is bullish", 0.99)
+    assert free_text.invalid_label is True
+    assert result.low_confidence is None  # the original is unchanged (frozen)
+
+
+def test_each_recognizer_carries_its_entity_threshold(guard: PIIGuard) -> None:
+    thresholds = guard.settings.score_thresholds
+    for recognizer in guard.analyzer.registry.recognizers:
+        for entity in recognizer.supported_entities:
+            assert recognizer.score_thresholds[entity] == thresholds[entity]
+
+
+def test_unknown_entity_is_a_readable_error() -> None:
+    with pytest.raises(GuardrailError, match="PERSONAL_HOROSCOPE"):
+        PIIGuard(GuardrailSettings(entities=["PERSONAL_HOROSCOPE"]))
+
+
+def test_missing_spacy_model_is_an_error_not_a_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spacy.cli
+
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the guard tried to download a spaCy model")
+
+    monkeypatch.setattr(spacy.cli, "download", no_download)
+    with pytest.raises(GuardrailError, match="en_core_web_nonexistent.*not installed"):
+        PIIGuard(GuardrailSettings(spacy_model="en_core_web_nonexistent"))
