@@ -12,8 +12,9 @@ from fintune import LABELS
 from fintune.config import Settings
 from fintune.data import load_splits
 from fintune.errors import ArtifactError
+from fintune.model.card import is_trained
 from fintune.model.inference import SentimentClassifier
-from fintune.model.training import is_trained, last_checkpoint, train
+from fintune.model.training import last_checkpoint, train
 
 pytestmark = pytest.mark.slow
 

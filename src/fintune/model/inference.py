@@ -12,7 +12,6 @@ original full-precision weights.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,15 +24,12 @@ from peft import PeftModel
 
 from fintune import LABELS
 from fintune.config import InferenceSettings, ModelSettings, Settings
-from fintune.errors import ArtifactError, ModelError
+from fintune.errors import ModelError
+from fintune.model.card import read_card
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.quantization import load_base, torch_dtype, upcast_unquantized
 
 logger = logging.getLogger(__name__)
-
-CARD_FILE = "fintune.json"
-"""Metadata written next to every trained adapter: profile, model settings, data, metrics."""
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -149,14 +145,3 @@ def _drop_training_hooks(model: Any) -> None:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     if getattr(base, "_require_grads_hook", None) is not None:
         base.disable_input_require_grads()
-
-
-def read_card(model_dir: Path) -> dict[str, Any]:
-    """The ``fintune.json`` metadata of a trained adapter folder."""
-    path = Path(model_dir) / CARD_FILE
-    if not path.is_file():
-        raise ArtifactError(f"{model_dir} holds no trained adapter ({CARD_FILE} missing); run `fintune train`")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{path} is unreadable ({exc}); retrain the model") from exc

@@ -26,7 +26,8 @@ from fintune import LABELS
 from fintune.config import Settings, TrainingSettings
 from fintune.data import DataSplits, Example, load_splits
 from fintune.evaluation import classification_metrics, write_json
-from fintune.model.inference import CARD_FILE, SentimentClassifier
+from fintune.model.card import CARD_FILE
+from fintune.model.inference import SentimentClassifier
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.lora import count_parameters, lora_config
 from fintune.model.plots import plot_loss_curve
@@ -133,6 +134,7 @@ def train(
     trainable, total = count_parameters(peft_model)
     card = {
         "provenance": provenance(f"fintune train --profile {settings.profile}"),
+        "backend": "qlora",
         "profile": settings.profile,
         "base_model": model_cfg.base_model,
         "base_source": source,
@@ -171,19 +173,6 @@ def score_validation(
     write_json(out / "validation_report.json", metrics)
     save_drift_baseline(out, predicted, LABELS, source=f"validation of {splits.subset} ({len(examples)} sentences)")
     return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
-
-
-def is_trained(out: Path, profile: str, fingerprint: str) -> bool:
-    """Whether ``out`` holds a finished adapter of this profile trained on data with this fingerprint."""
-    import json
-
-    try:
-        card = json.loads((out / CARD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool(card.get("complete")) and card.get("profile") == profile and (
-        card.get("data", {}).get("fingerprint") == fingerprint
-    )
 
 
 def clear_checkpoints(out: Path) -> None:

@@ -1,0 +1,93 @@
+"""`fintune train`, `fintune lora-report` and `fintune evaluate`: fine-tune, size and judge the model.
+
+Heavy modules (torch, transformers, peft, trl) are imported inside the commands, so `fintune --help` stays fast
+and the encoder backend never pulls in the QLoRA stack.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fintune.cli._app import app, console
+from fintune.config import load_settings
+from fintune.data import check_subset, load_splits
+from fintune.model.card import is_trained
+from fintune.provenance import command_line
+
+ProfileOption = Annotated[
+    str | None, typer.Option("--profile", "-p", help="Profile name in configs/ (default: FINTUNE_PROFILE or 'cpu').")
+]
+
+
+@app.command("train")
+def train_command(
+    profile: ProfileOption = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Model folder (default: outputs/models/<profile>/).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    subset: Annotated[str | None, typer.Option(help="Agreement level to train on (default: the profile's).")] = None,
+    skip_if_trained: Annotated[
+        bool, typer.Option(help="Do nothing when the folder already holds this profile trained on this data.")
+    ] = False,
+) -> None:
+    """Fine-tune the profile's model (QLoRA, or the encoder fallback) and save it with its model card."""
+    settings = load_settings(profile)
+    splits = load_splits(settings, check_subset(subset) if subset else None)
+    target = output_dir or settings.output_dir / "models" / settings.profile
+    if skip_if_trained and is_trained(target, settings.profile, splits.fingerprint):
+        console.print(f"{target} already holds {settings.profile} trained on {splits.fingerprint[:16]}: skipped")
+        return
+    console.print(f"training {settings.profile} ({settings.model.backend}) on {splits.subset}: "
+                  f"{len(splits.train)} sentences, fingerprint {splits.fingerprint[:16]}")
+    if settings.model.backend == "encoder":
+        from fintune.model.encoder import train_encoder
+
+        _, card = train_encoder(settings, target, max_steps=max_steps, splits=splits)
+    else:
+        from fintune.model.training import train
+
+        card = train(settings, target, max_steps=max_steps, splits=splits).card
+    validation = card["validation"]
+    console.print(
+        f"done in {card['train_seconds']} s, {card['global_steps']} steps; validation accuracy "
+        f"{validation['accuracy']:.3f}, macro-F1 {validation['macro_f1']:.3f}; written to {target}/"
+    )
+
+
+@app.command("lora-report")
+def lora_report_command(profile: ProfileOption = None) -> None:
+    """Print the profile's exact LoRA parameter counts and bf16 vs NF4 weight bytes as JSON (no weights needed)."""
+    from fintune.model.lora import lora_report
+
+    typer.echo(json.dumps(lora_report(load_settings(profile)), indent=2))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A folder written by `fintune train`.")],
+    subset: Annotated[str, typer.Option(help="Agreement level whose test split is scored.")] = "50agree",
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Where to write (default: <model>/eval/<subset>/).")
+    ] = None,
+    profile: ProfileOption = None,
+) -> None:
+    """Score a trained model on a test split; write metrics.json and comparison.json against the baselines."""
+    from fintune.model.assessment import evaluate
+
+    settings = load_settings(profile)
+    name = check_subset(subset)
+    target = output_dir or model / "eval" / name
+    result = evaluate(model, settings, name, target, command=command_line())
+    metrics, comparison = result["metrics"], result["comparison"]
+    console.print(
+        f"{name} test ({metrics['sentences']} sentences): accuracy {metrics['accuracy']:.3f}, macro-F1 "
+        f"{metrics['macro_f1']:.3f}, ECE {metrics['expected_calibration_error']:.3f}, "
+        f"p50 {metrics['latency_p50_ms']:.1f} ms, {metrics['batch_ms_per_sentence']:.1f} ms/sentence batched"
+    )
+    console.print(comparison["verdict"], highlight=False)
+    console.print(f"written to {target}/ (metrics.json, comparison.json, model_confusion.png)")

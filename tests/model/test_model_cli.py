@@ -1,0 +1,56 @@
+"""`fintune train`, `fintune evaluate` and `fintune lora-report` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fintune.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tiny_env(tiny_data_dir: Path, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """FINTUNE_* pointing at the tiny PhraseBank, the session's model cache and a fresh output folder."""
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(tiny_data_dir))
+    monkeypatch.setenv("FINTUNE_CACHE_DIR", str(model_cache))
+    monkeypatch.setenv("FINTUNE_OUTPUT_DIR", str(tmp_path / "out"))
+    return tmp_path / "out"
+
+
+def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:
+    model_dir = tiny_env / "tiny"
+    args = ["train", "--profile", "tiny-mistral", "--output-dir", str(model_dir), "--max-steps", "2"]
+    assert main(args) == 0
+    assert json.loads((model_dir / "fintune.json").read_text())["global_steps"] == 2
+    assert main([*args, "--skip-if-trained"]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+    eval_dir = tiny_env / "eval"
+    assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir), "--subset", "50agree",
+                 "--output-dir", str(eval_dir)]) == 0
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    for key in ("accuracy", "macro_f1", "per_class", "confusion_matrix", "expected_calibration_error",
+                "latency_p50_ms", "latency_p95_ms", "throughput_per_s"):
+        assert key in metrics, key
+    assert sum(map(sum, metrics["confusion_matrix"])) == metrics["sentences"] > 0
+    assert (eval_dir / "model_confusion.png").is_file()
+    comparison = json.loads((eval_dir / "comparison.json").read_text())
+    best = comparison["baselines"][comparison["best_baseline"]]["macro_f1_difference"]
+    assert best["ci_low"] <= best["difference"] <= best["ci_high"]
+    assert comparison["verdict"].split(":")[0] in {"yes", "no", "not proven"}
+
+
+def test_lora_report_prints_the_exact_mistral_count(capsys: pytest.CaptureFixture) -> None:
+    assert main(["lora-report", "--profile", "mistral-7b"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["trainable_params"] == 13_631_488
+    assert {"total_params", "target_modules", "bf16_bytes", "nf4_bytes"} <= set(report)
+
+
+def test_evaluate_a_folder_without_a_model_is_one_error_line(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(tiny_env / "nothing")]) != 0
+    assert "fintune train" in capsys.readouterr().err
