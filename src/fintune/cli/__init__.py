@@ -16,6 +16,7 @@ from fintune.errors import FinTuneError
 
 # Importing a commands module registers its commands on `app`.
 from fintune.cli import config_commands, data_commands  # noqa: E402,F401  isort: skip
+from fintune.cli import serve_commands  # noqa: E402,F401  isort: skip
 from fintune.cli import guard_commands  # noqa: E402,F401  isort: skip
 from fintune.cli import model_commands  # noqa: E402,F401  isort: skip
 

@@ -3,9 +3,9 @@
 Everything else in ``fintune.serving`` sees only :class:`BatchClassifier` (``classify(texts) -> [Prediction]``
 plus ``name``/``profile``/``version``), so tests build the app with any small classifier. Here live:
 
-* :func:`load_classifier`: the profile's model: a trained adapter (``SentimentClassifier.from_pretrained``), or
-  the untuned base when no adapter exists (random tiny-mistral, zero-shot SmolLM2: plumbing and load tests),
-  or the encoder fallback (``fintune.model.encoder``) when ``model.backend`` is ``encoder``;
+* :func:`load_classifier`: the profile's model: a trained folder through ``fintune.model.assessment``'s
+  loader (QLoRA adapter or encoder, as its card says), or the untrained model when none exists (random
+  tiny-mistral, zero-shot SmolLM2, the encoder with a fresh head: plumbing and load tests only);
 * :class:`BaselineClassifier` and :func:`load_baseline`: the TF-IDF pipeline of the degraded mode;
 * :class:`FaultInjectingClassifier`: the test-only faults of ``serving.faults`` (tests and the load
   benchmark switch them on through ``FINTUNE_SERVING__FAULTS__*``; nothing patches our classes).
@@ -24,9 +24,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from fintune import LABELS, __version__
+from fintune import LABELS
 from fintune.config import FaultInjectionSettings, Settings
-from fintune.errors import ArtifactError, DataError, ModelError
+from fintune.errors import ArtifactError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +57,28 @@ class InjectedFault(RuntimeError):
     """A model failure injected on purpose by ``serving.faults`` (tests and the load benchmark only)."""
 
 
-class SentimentClassifierAdapter:
-    """A :class:`fintune.model.inference.SentimentClassifier` (or anything with ``predict``) as a BatchClassifier."""
+class ProbaClassifierAdapter:
+    """Any fintune.model classifier with ``predict_proba(texts) -> (n, 3)`` (LABELS order) as a BatchClassifier.
+
+    Both :class:`fintune.model.inference.SentimentClassifier` and :class:`fintune.model.encoder.EncoderClassifier`
+    have it (the ``Classifier`` protocol of ``fintune.model.assessment``).
+    """
 
     def __init__(self, inner: Any, name: str, profile: str, version: str) -> None:
-        """Wrap ``inner``, whose ``predict(texts)`` returns objects with label, confidence, probabilities."""
+        """Wrap ``inner``."""
         self.inner, self.name, self.profile, self.version = inner, name, profile, version
 
     def classify(self, texts: list[str]) -> list[Prediction]:
-        """``inner.predict`` in our Prediction type."""
-        return [
-            Prediction(p.label, float(p.confidence), {k: float(v) for k, v in p.probabilities.items()})
-            for p in self.inner.predict(texts)
-        ]
+        """``inner.predict_proba`` as Predictions."""
+        rows = np.asarray(self.inner.predict_proba(texts), dtype=float)
+        return [_prediction(LABELS, row) for row in rows]
+
+
+def _prediction(classes: Sequence[str], row: np.ndarray) -> Prediction:
+    """A prediction from one row of class probabilities (labels missing from ``classes`` score 0)."""
+    scores = {label: 0.0 for label in LABELS} | {str(c): float(p) for c, p in zip(classes, row, strict=True)}
+    best = int(row.argmax())
+    return Prediction(str(classes[best]), float(row[best]), scores)
 
 
 class FaultInjectingClassifier:
@@ -119,23 +128,28 @@ def model_dir(settings: Settings) -> Path:
 
 
 def load_classifier(settings: Settings) -> BatchClassifier:
-    """The profile's model as a BatchClassifier (slow: seconds to minutes; run it off the event loop)."""
-    if settings.model.backend == "encoder":
-        return _load_encoder(settings)
-    from fintune.model.inference import CARD_FILE, SentimentClassifier
+    """The profile's model as a BatchClassifier (slow: seconds to minutes; run it off the event loop).
+
+    A trained folder (``fintune.json``) is loaded as its card says (QLoRA adapter or encoder). Without one the
+    untrained model is served, for plumbing and load tests only: the QLoRA profile's base, label-constrained
+    (random for tiny-mistral, zero-shot for SmolLM2), or the encoder with a fresh head.
+    """
+    from fintune.model.card import CARD_FILE
 
     folder = model_dir(settings)
+    name = settings.model.base_model
     if (folder / CARD_FILE).is_file():
-        inner = SentimentClassifier.from_pretrained(folder, settings)
-        return SentimentClassifierAdapter(inner, _base_name(settings), settings.profile, f"adapter:{folder.name}")
-    logger.warning("no trained adapter in %s: serving the untuned base of profile %r (run `fintune train`)",
-                   folder, settings.profile)
-    return SentimentClassifierAdapter(_untuned(settings), _base_name(settings), settings.profile, "base-untuned")
+        from fintune.model.assessment import load_classifier as load_trained
 
+        return ProbaClassifierAdapter(load_trained(folder, settings), name, settings.profile, f"trained:{folder}")
+    logger.warning("no trained model in %s: serving the untrained %s model of profile %r (run `fintune train`)",
+                   folder, settings.model.backend, settings.profile)
+    if settings.model.backend == "encoder":
+        from fintune.model.encoder import EncoderClassifier
 
-def _base_name(settings: Settings) -> str:
-    """The model's display name: the base model id."""
-    return settings.model.base_model
+        inner = EncoderClassifier.from_base(settings.model.encoder)
+        return ProbaClassifierAdapter(inner, name, settings.profile, "untrained-head")
+    return ProbaClassifierAdapter(_untuned(settings), name, settings.profile, "base-untuned")
 
 
 def _untuned(settings: Settings) -> Any:
@@ -152,19 +166,6 @@ def _untuned(settings: Settings) -> Any:
     return SentimentClassifier(base, load_tokenizer(source), settings.model.training.prompt_template, inference)
 
 
-def _load_encoder(settings: Settings) -> BatchClassifier:
-    """The encoder fallback (``fintune.model.encoder``), trained folder first."""
-    try:
-        from fintune.model import encoder
-    except ImportError as exc:
-        raise ModelError(f"the encoder backend is not available in this build ({exc})") from exc
-    loader = getattr(encoder, "EncoderClassifier", None)
-    if loader is None or not hasattr(loader, "from_pretrained"):
-        raise ModelError("fintune.model.encoder has no EncoderClassifier.from_pretrained; cannot serve it")
-    inner = loader.from_pretrained(model_dir(settings), settings)
-    return SentimentClassifierAdapter(inner, _base_name(settings), settings.profile, "encoder")
-
-
 class BaselineClassifier:
     """A fitted TF-IDF pipeline as a BatchClassifier: probabilities when it has them, else a one-hot score."""
 
@@ -179,16 +180,9 @@ class BaselineClassifier:
         if hasattr(self.pipeline, "predict_proba"):
             classes = [str(c) for c in self.pipeline.classes_]
             rows = np.asarray(self.pipeline.predict_proba(texts), dtype=float)
-            return [self._from_row(classes, row) for row in rows]
+            return [_prediction(classes, row) for row in rows]
         return [Prediction(str(label), 1.0, {k: float(k == label) for k in LABELS})
                 for label in self.pipeline.predict(texts)]
-
-    @staticmethod
-    def _from_row(classes: Sequence[str], row: np.ndarray) -> Prediction:
-        """A prediction from one row of class probabilities."""
-        scores = {label: 0.0 for label in LABELS} | {c: float(p) for c, p in zip(classes, row, strict=True)}
-        best = int(row.argmax())
-        return Prediction(classes[best], float(row[best]), scores)
 
 
 def load_baseline(settings: Settings) -> BatchClassifier | None:
@@ -211,7 +205,3 @@ def load_baseline(settings: Settings) -> BatchClassifier | None:
         logger.warning("degraded mode unavailable: no TF-IDF baseline (%s)", exc)
         return None
 
-
-def service_version() -> str:
-    """The fintune package version the service reports."""
-    return __version__

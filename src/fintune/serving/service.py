@@ -253,3 +253,28 @@ def sentence_result(index: int, outcome: ItemOutcome) -> dict[str, Any]:
         "degraded": outcome.degraded,
         "pii_types": g.pii_types,
     }
+
+
+def offline_pipeline(settings: Settings, classifier: ClassifierSource = None) -> ClassificationPipeline:
+    """The service's pipeline for use in this thread (``fintune classify``): guard, breaker, model, baseline."""
+    from fintune.guardrails import PIIGuard
+
+    breaker = CircuitBreaker.from_settings(settings.reliability)
+    loader = Services(settings, classifier, None, breaker, SystemMonitor(settings.monitoring), None)._loader()
+    slot = ModelSlot(loader, settings, breaker)
+    slot.load()
+    fallback = load_baseline(settings) if settings.serving.degraded_mode == "baseline" else None
+    return ClassificationPipeline(
+        settings, guard=PIIGuard.from_settings(settings.guardrails), breaker=breaker,
+        monitor=SystemMonitor(settings.monitoring), slot=slot, fallback=fallback,
+    )
+
+
+def outcome_record(outcome: ItemOutcome) -> dict[str, Any]:
+    """One outcome as a JSON-ready record (the redacted text only, never the input)."""
+    if outcome.error is not None:
+        record: dict[str, Any] = {"error": error_info(outcome.error)}
+        if outcome.guardrail is not None:
+            record["guardrail"] = outcome.guardrail.model_dump()
+        return record
+    return {**classification(outcome), "error": None}

@@ -1,0 +1,140 @@
+"""`fintune serve` (the HTTP service under uvicorn) and `fintune classify` (the same pipeline, offline).
+
+``fintune classify TEXT`` prints one JSON line; ``fintune classify --input FILE`` reads ``.txt`` (one text per
+line), ``.csv`` (a ``text`` column, optional ``id``) or ``.jsonl`` (objects with ``text``, optional ``id``)
+and writes one JSON line per text, with a progress bar on stderr. Records carry the redacted text only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated, Any, TextIO
+
+import typer
+from tqdm import tqdm
+
+from fintune.cli._app import app, console
+from fintune.config import Settings, load_settings
+from fintune.errors import InvalidInputError
+
+ProfileOption = Annotated[
+    str | None, typer.Option("--profile", "-p", help="Profile name in configs/ (default: FINTUNE_PROFILE or 'cpu').")
+]
+
+
+@app.command("serve")
+def serve_command(
+    profile: ProfileOption = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default: serving.host, 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default: serving.port, 8000).")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (default: serving.workers).")] = None,
+) -> None:
+    """Start the HTTP service (OpenAPI at /docs); Ctrl-C or SIGTERM finishes in-flight requests first."""
+    import uvicorn
+
+    settings = load_settings(profile)
+    s = settings.serving
+    host, port, workers = host or s.host, port if port is not None else s.port, workers or s.workers
+    os.environ["FINTUNE_PROFILE"] = settings.profile  # each worker builds its app from the same profile
+    url = f"http://{host}:{port}"
+    console.print(f"FinTune service, profile {settings.profile!r}: {url} (docs: {url}/docs)", highlight=False)
+    console.print(example_curl(url, settings), highlight=False, soft_wrap=True)
+    uvicorn.run(
+        "fintune.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+        timeout_graceful_shutdown=int(s.shutdown_timeout_s), access_log=s.access_log, log_config=log_config(),
+    )
+
+
+def example_curl(url: str, settings: Settings) -> str:
+    """A curl command that classifies one sentence (with the key header when a key is set)."""
+    key = ' -H "X-API-Key: $FINTUNE_SERVING__API_KEY"' if settings.serving.api_key is not None else ""
+    body = json.dumps({"text": "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn."})
+    return f"curl -s -X POST {url}/v1/classify -H 'Content-Type: application/json'{key} -d '{body}'"
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging config plus our own loggers at INFO on the same handler (records are redacted)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = json.loads(json.dumps(LOGGING_CONFIG))
+    config["loggers"]["fintune"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
+@app.command("classify")
+def classify_command(
+    text: Annotated[str | None, typer.Argument(help="The text to classify (or use --input).")] = None,
+    input_file: Annotated[
+        Path | None, typer.Option("--input", "-i", help="A .txt (one text per line), .csv or .jsonl file.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write JSONL (default: stdout).")
+    ] = None,
+    text_column: Annotated[str, typer.Option(help="Column / key holding the text in .csv and .jsonl.")] = "text",
+    profile: ProfileOption = None,
+) -> None:
+    """Classify offline through the service's pipeline (guard, breaker, model, checks), writing JSONL."""
+    from fintune.serving.service import offline_pipeline, outcome_record
+
+    if (text is None) == (input_file is None):
+        raise InvalidInputError("give either a TEXT argument or --input FILE, not both or neither")
+    settings = load_settings(profile)
+    rows = [("1", text)] if text is not None else list(read_texts(input_file, text_column))  # type: ignore[arg-type]
+    pipeline = offline_pipeline(settings)
+    size = settings.serving.micro_batch_size
+    with ExitStack() as stack:
+        sink: TextIO = stack.enter_context(output.open("w", encoding="utf-8")) if output else sys.stdout
+        bar = stack.enter_context(tqdm(total=len(rows), desc="classify", unit="text", disable=text is not None))
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            for (row_id, _), outcome in zip(chunk, pipeline.classify_offline([t for _, t in chunk]), strict=True):
+                sink.write(json.dumps({"id": row_id, **outcome_record(outcome)}, ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
+    if output:
+        console.print(f"{len(rows)} records written to {output}")
+
+
+def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
+    """(id, text) pairs from a .txt, .csv or .jsonl file; ids default to the 1-based line or row number."""
+    if not path.is_file():
+        raise InvalidInputError(f"input file {path} does not exist")
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="") as handle:
+        if suffix == ".txt":
+            yield from ((str(n), line.rstrip("\r\n")) for n, line in enumerate(handle, 1) if line.strip())
+        elif suffix == ".csv":
+            for n, row in enumerate(csv.DictReader(handle), 1):
+                yield str(row.get("id") or n), _field(row, column, path, n)
+        elif suffix == ".jsonl":
+            for n, line in enumerate(handle, 1):
+                if line.strip():
+                    yield _jsonl_row(line, column, path, n)
+        else:
+            raise InvalidInputError(f"{path}: unknown input format {suffix!r}; use .txt, .csv or .jsonl")
+
+
+def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
+    """(id, text) of one JSONL line: an object with the text key, or a bare JSON string."""
+    try:
+        value = json.loads(line)
+    except ValueError as exc:
+        raise InvalidInputError(f"{path}:{n} is not valid JSON ({exc})") from exc
+    if isinstance(value, str):
+        return str(n), value
+    if not isinstance(value, dict):
+        raise InvalidInputError(f"{path}:{n} must be a JSON object with a {column!r} key or a string")
+    return str(value.get("id", n)), _field(value, column, path, n)
+
+
+def _field(row: dict[str, Any], column: str, path: Path, n: int) -> str:
+    """The text of a row; InvalidInputError naming the row when it is missing or not a string."""
+    value = row.get(column)
+    if not isinstance(value, str):
+        raise InvalidInputError(f"{path} row {n} has no text in {column!r} (use --text-column)")
+    return value
