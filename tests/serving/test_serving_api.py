@@ -1,0 +1,193 @@
+"""The service in-process (TestClient): PII, batch order, item errors, bad input, auth, limits, degraded mode.
+
+The model is the keyword classifier of conftest (the edge); guard, breaker, monitor, batcher and the TF-IDF
+baseline are real, and model faults come from the real ``serving.faults`` setting.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import PII_TEXT, PII_VALUES, KeywordClassifier, make_client, wait_ready, with_serving
+from fastapi.testclient import TestClient
+
+from fintune.config import Settings
+from fintune.guardrails import PIIGuard
+
+
+def _no_pii(payload: object) -> None:
+    """No PII value anywhere in a response."""
+    text = json.dumps(payload)
+    for value in PII_VALUES:
+        assert value not in text
+
+
+def test_classify_masks_pii_before_the_model_and_in_the_answer(serving_settings: Settings, guard: PIIGuard) -> None:
+    model = KeywordClassifier()
+    with make_client(serving_settings, guard, model) as client:
+        wait_ready(client)
+        response = client.post("/v1/classify", json={"text": PII_TEXT}, headers={"X-Request-ID": "req-1"})
+    assert response.status_code == 200
+    body = response.json()
+    _no_pii(body)
+    _no_pii(model.seen)
+    assert body["request_id"] == response.headers["x-request-id"] == "req-1"
+    assert {"CREDIT_CARD", "EMAIL_ADDRESS", "PHONE_NUMBER"} <= set(body["guardrail"]["pii_types"])
+    assert body["degraded"] is False and body["model"]["name"] == "keyword-test-model"
+    assert body["label"] == "neutral" and body["confidence"] == pytest.approx(0.8)
+
+
+def test_batch_keeps_order_and_gives_bad_items_their_own_error(client: TestClient) -> None:
+    texts = ["Net sales rose 9 %.", "   ", "Operating profit fell.", "x" * 5000, "The AGM is on Monday.", PII_TEXT]
+    response = client.post("/v1/classify/batch", json={"texts": texts})
+    assert response.status_code == 200
+    body = response.json()
+    _no_pii(body)
+    results = body["results"]
+    assert [r["index"] for r in results] == list(range(len(texts)))
+    labels = [r["result"]["label"] if r["result"] else None for r in results]
+    assert labels == ["positive", None, "negative", None, "neutral", "neutral"]
+    assert [r["error"]["code"] for r in results if r["error"]] == ["invalid_input", "invalid_input"]
+    assert body["errors"] == 2 and body["degraded"] == 0
+
+
+def test_analyze_splits_classifies_and_aggregates_redacted(client: TestClient) -> None:
+    document = ("Net sales rose 12 % to EUR 31.5 mn. Operating profit fell in Q3. Questions to ir@example.com.\n\n"
+                "The board will meet in March. Order intake increased strongly.")
+    response = client.post("/v1/analyze", json={"text": document})
+    assert response.status_code == 200
+    body = response.json()
+    assert "ir@example.com" not in json.dumps(body)
+    assert [r["label"] for r in body["results"]] == ["positive", "negative", "neutral", "neutral", "positive"]
+    aggregate = body["aggregate"]
+    assert aggregate["sentences"] == 5
+    assert sum(aggregate["label_shares"].values()) == pytest.approx(1.0)
+    assert aggregate["score"] == pytest.approx(0.2) and aggregate["label"] == "positive"
+    assert aggregate["most_negative"]["text"] == "Operating profit fell in Q3."
+    assert "<EMAIL_ADDRESS>" in body["results"][2]["text"]
+
+
+BAD_INPUTS = [
+    ("empty text", "/v1/classify", {"json": {"text": ""}}, 422),
+    ("whitespace text", "/v1/classify", {"json": {"text": " \n\t "}}, 422),
+    ("text over the limit", "/v1/classify", {"json": {"text": "a" * 2001}}, 422),
+    ("wrong type", "/v1/classify", {"json": {"text": 42}}, 422),
+    ("list instead of object", "/v1/classify", {"json": ["text"]}, 422),
+    ("missing field", "/v1/classify", {"json": {}}, 422),
+    ("unknown field", "/v1/classify", {"json": {"text": "ok", "txt": "typo"}}, 422),
+    ("invalid JSON", "/v1/classify", {"content": b'{"text": ', "headers": {"content-type": "application/json"}}, 400),
+    ("invalid UTF-8", "/v1/classify", {"content": b'{"text": "\xff\xfe"}',
+                                       "headers": {"content-type": "application/json"}}, 400),
+    ("control character", "/v1/classify", {"json": {"text": "profit\u0000rose"}}, 422),
+    ("raw control character", "/v1/classify", {"content": b'{"text": "a\x01b"}',
+                                               "headers": {"content-type": "application/json"}}, 400),
+    ("lone surrogate", "/v1/classify", {"content": b'{"text": "profit \\ud800 rose"}',
+                                        "headers": {"content-type": "application/json"}}, 422),
+    ("batch over the maximum", "/v1/classify/batch", {"json": {"texts": ["Sales rose."] * 257}}, 422),
+    ("empty batch", "/v1/classify/batch", {"json": {"texts": []}}, 422),
+    ("batch item of wrong type", "/v1/classify/batch", {"json": {"texts": ["ok", 3]}}, 422),
+    ("empty document", "/v1/analyze", {"json": {"text": "  "}}, 422),
+]
+
+
+@pytest.mark.parametrize(("path", "request_kwargs", "status"), [b[1:] for b in BAD_INPUTS],
+                         ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_clear_4xx_and_the_service_stays_healthy(
+    client: TestClient, path: str, request_kwargs: dict, status: int
+) -> None:
+    response = client.post(path, **request_kwargs)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["message"] and body["error"]["code"]
+    assert body["request_id"] == response.headers["x-request-id"]
+    assert client.get("/healthz").status_code == 200
+    assert client.post("/v1/classify", json={"text": "Net sales rose."}).json()["label"] == "positive"
+
+
+def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PIIGuard) -> None:
+    settings = with_serving(serving_settings, api_key="s3cret-key")
+    with make_client(settings, guard) as client:
+        wait_ready(client)
+        body = {"text": "Net sales rose."}
+        missing = client.post("/v1/classify", json=body)
+        wrong = client.post("/v1/classify", json=body, headers={"X-API-Key": "nope"})
+        header = client.post("/v1/classify", json=body, headers={"X-API-Key": "s3cret-key"})
+        bearer = client.post("/v1/classify", json=body, headers={"Authorization": "Bearer s3cret-key"})
+        health = [client.get(p).status_code for p in ("/healthz", "/readyz")]
+    assert (missing.status_code, wrong.status_code) == (401, 401)
+    assert "missing API key" in missing.json()["error"]["message"]
+    assert wrong.json()["error"]["message"] == "invalid API key"
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert (header.status_code, bearer.status_code) == (200, 200)
+    assert health == [200, 200]
+
+
+def test_body_over_the_limit_is_413_unread(serving_settings: Settings, guard: PIIGuard) -> None:
+    settings = with_serving(serving_settings, max_body_bytes=1024)
+    with make_client(settings, guard) as client:
+        response = client.post("/v1/classify/batch", json={"texts": ["Net sales rose."] * 100})
+        assert client.get("/healthz").status_code == 200
+    assert response.status_code == 413
+    assert "1024 bytes" in response.json()["error"]["message"]
+    assert response.json()["request_id"] == response.headers["x-request-id"]
+
+
+def _faulty(settings: Settings, **serving: object) -> Settings:
+    """Settings whose model fails every call (the real serving.faults switch)."""
+    faults = settings.serving.faults.model_copy(update={"rate": 1.0})
+    return with_serving(settings, faults=faults.model_dump(), **serving)
+
+
+def test_injected_model_failures_open_the_breaker_and_the_baseline_answers(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    settings = _faulty(serving_settings)
+    with make_client(settings, guard) as client:
+        wait_ready(client)
+        answers = [client.post("/v1/classify", json={"text": f"Net sales rose {i} %."}) for i in range(7)]
+        ready = client.get("/readyz")
+        snapshot = client.get("/metrics/json").json()
+    assert all(a.status_code == 200 and a.json()["degraded"] for a in answers)
+    assert answers[-1].json()["model"]["name"] == "tfidf-logistic_regression"
+    assert ready.status_code == 503 and ready.json()["breaker"] == "open"
+    assert snapshot["serving"]["breaker"]["state"] == "open"
+    assert snapshot["fallbacks"] == {"model_error": 5, "breaker_open": 2}
+
+
+def test_fail_fast_mode_answers_503_with_retry_after(serving_settings: Settings, guard: PIIGuard) -> None:
+    settings = _faulty(serving_settings, degraded_mode="fail")
+    with make_client(settings, guard) as client:
+        wait_ready(client)
+        response = client.post("/v1/classify", json={"text": "Net sales rose."})
+        batch = client.post("/v1/classify/batch", json={"texts": ["Net sales rose.", "Profit fell."]})
+    assert response.status_code == 503 and batch.status_code == 503
+    assert response.json()["error"]["code"] == "model_unavailable"
+    assert int(response.headers["retry-after"]) >= 1
+
+
+def test_full_queue_answers_503_with_retry_after(serving_settings: Settings, guard: PIIGuard) -> None:
+    faults = serving_settings.serving.faults.model_copy(update={"delay_ms": 400}).model_dump()
+    settings = with_serving(serving_settings, max_batch_items=2, queue_size=2, micro_batch_size=1, faults=faults)
+    with make_client(settings, guard) as client:
+        wait_ready(client)
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda i: client.post("/v1/classify/batch", json={"texts": ["a b", "c d"]}),
+                                    range(6)))
+        assert client.get("/healthz").status_code == 200
+    codes = sorted(a.status_code for a in answers)
+    assert 200 in codes and 503 in codes
+    refused = next(a for a in answers if a.status_code == 503)
+    assert refused.json()["error"]["code"] == "overloaded" and int(refused.headers["retry-after"]) >= 1
+
+
+def test_metrics_in_prometheus_and_json(client: TestClient) -> None:
+    client.post("/v1/classify", json={"text": PII_TEXT})
+    text = client.get("/metrics")
+    snapshot = client.get("/metrics/json").json()
+    assert text.headers["content-type"].startswith("text/plain")
+    assert 'fintune_requests_total{outcome="ok"} 1.0' in text.text
+    assert "fintune_pii_detections_total" in text.text
+    assert snapshot["requests"]["total"] == 1 and snapshot["serving"]["batching"]["items"] == 1
+    assert snapshot["request_id"]
