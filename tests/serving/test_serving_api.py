@@ -10,8 +10,8 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import PII_TEXT, PII_VALUES, KeywordClassifier, make_client, wait_ready, with_serving
 from fastapi.testclient import TestClient
+from serving_helpers import PII_TEXT, PII_VALUES, KeywordClassifier, make_client, wait_ready, with_serving
 
 from fintune.config import Settings
 from fintune.guardrails import PIIGuard
