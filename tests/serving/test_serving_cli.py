@@ -1,0 +1,60 @@
+"""`fintune classify` runs the service's pipeline offline and writes JSONL; `fintune serve` prints URL and curl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from serving_helpers import PII_TEXT, PII_VALUES
+
+from fintune.cli import main
+from fintune.cli.serve_commands import example_curl, read_texts
+from fintune.config import load_settings
+
+
+@pytest.fixture
+def offline_env(monkeypatch: pytest.MonkeyPatch, tiny_data_dir: Path, tmp_path: Path) -> None:
+    """Tiny data, a private cache and output folder."""
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(tiny_data_dir))
+    monkeypatch.setenv("FINTUNE_OUTPUT_DIR", str(tmp_path / "out"))
+    monkeypatch.setenv("FINTUNE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.mark.slow
+def test_classify_file_writes_one_redacted_record_per_text(
+    offline_env: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    rows = [{"id": "a", "text": "Net sales rose 5 %."}, {"id": "b", "text": PII_TEXT}, {"id": "c", "text": " "}]
+    source.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    code = main(["classify", "--profile", "tiny-mistral", "--input", str(source), "--output", str(out)])
+    _, err = capfd.readouterr()
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in records] == ["a", "b", "c"]
+    assert records[0]["label"] in {"negative", "neutral", "positive"} and records[0]["degraded"] is False
+    assert records[1]["guardrail"]["pii_count"] == 3
+    assert records[2]["error"]["code"] == "invalid_input"
+    assert "classify: 100%" in err  # the progress bar, on stderr
+    for value in PII_VALUES:
+        assert value not in out.read_text(encoding="utf-8")
+
+
+def test_input_formats_and_their_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a.txt").write_text("Profit fell.\n\nSales rose.\n", encoding="utf-8")
+    (tmp_path / "a.csv").write_text('id,text\nx1,"Profit fell, again."\n', encoding="utf-8")
+    assert list(read_texts(tmp_path / "a.txt")) == [("1", "Profit fell."), ("3", "Sales rose.")]
+    assert list(read_texts(tmp_path / "a.csv")) == [("x1", "Profit fell, again.")]
+    (tmp_path / "a.xml").write_text("<x/>", encoding="utf-8")
+    assert main(["classify", "--input", str(tmp_path / "a.xml")]) == 2
+    assert main(["classify"]) == 2
+    err = capfd.readouterr().err
+    assert "use .txt, .csv or .jsonl" in err and "either a TEXT argument or --input" in err
+
+
+def test_serve_prints_a_working_curl() -> None:
+    curl = example_curl("http://127.0.0.1:8000", load_settings("tiny-mistral"))
+    assert curl.startswith("curl -s -X POST http://127.0.0.1:8000/v1/classify")
+    assert json.loads(curl.split("-d '", 1)[1].rstrip("'"))["text"]
