@@ -257,7 +257,7 @@ class GuardrailSettings(Section):
     )
     eval_seed: int = Field(20240601, description="Seed of the synthetic guard-eval set (values and templates).")
     eval_samples_per_template: int = Field(
-        40, ge=1, description="Synthetic sentences generated per guard-eval template."
+        100, ge=1, description="Synthetic sentences generated per guard-eval template."
     )
     eval_clean_sentences: int = Field(
         0, ge=0, description="Clean PhraseBank sentences guard-eval checks for alterations (0: all of the subset)."

@@ -50,23 +50,27 @@ def test_guard_needs_exactly_one_input(capsys: pytest.CaptureFixture[str]) -> No
 def test_guard_eval_writes_figures_with_provenance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_SAMPLES_PER_TEMPLATE", "3")
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_SAMPLES_PER_TEMPLATE", "2")
     monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_LATENCY_SAMPLES", "20")
-    monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_CLEAN_SENTENCES", "200")
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_CLEAN_SENTENCES", "40")
     output = tmp_path / "guardrails.json"
-    assert main(["guard-eval", "--output", str(output)]) == 0
+    assert main(["guard-eval", "--compare-defaults", "--output", str(output)]) == 0
     report = json.loads(output.read_text())
     assert report["provenance"]["command"] and report["provenance"]["machine"]["cores"]
     assert "presidio-analyzer" in report["provenance"]["versions"]
     held_out = report["synthetic_eval"]
-    assert held_out["sentences"] == 3 * held_out["templates"]
+    assert held_out["sentences"] == 2 * held_out["templates"]
     assert set(held_out["per_entity"]) == set(report["synthetic_dev"]["per_entity"])
     assert held_out["leak_rate"] == 0 and held_out["min_recall"] == 1.0
     latency = report["latency"]
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] and latency["sentences"] == 20
     if "clean_phrasebank" in report:  # the shared PhraseBank is present
-        assert report["clean_phrasebank"]["sentences"] == 200 and report["data"]["source_sha256"]
+        assert report["clean_phrasebank"]["sentences"] == 40 and report["data"]["source_sha256"]
+        assert {"DATE_TIME", "LOCATION", "NRP"} <= set(report["presidio_defaults"]["all_entities"]["entities"])
     else:
         assert "skipped" in report["data"]
     assert set(report["targets"]) >= {"eval_leak_rate_is_0", "batch_faster_per_sentence"}
+    baseline = report["presidio_defaults"]["pii_only"]
+    assert "ORGANIZATION" not in baseline["entities"]
+    assert baseline["synthetic_eval"]["sentences"] == held_out["sentences"]
     assert "written to" in capsys.readouterr().out

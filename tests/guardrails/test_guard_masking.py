@@ -27,6 +27,7 @@ PII_CASES = [
     ("PHONE_NUMBER", "Dial +49.30.1234567 for the rights issue.", "+49.30.1234567"),
     ("PHONE_NUMBER", "CFO mobile +358 40 123 4567 regarding Q3.", "+358 40 123 4567"),
     ("PHONE_NUMBER", "Ring 040 123 4567 in Helsinki.", "040 123 4567"),
+    ("PHONE_NUMBER", "Dial +4915123450541 (Luhn-valid, yet a phone).", "+4915123450541"),
     ("IBAN_CODE", "Transfer EUR 1,200 to DE89 3704 0044 0532 0130 00 by Friday.", "DE89 3704 0044 0532 0130 00"),
     ("IBAN_CODE", "Refund to FI2112345600000785 please.", "FI2112345600000785"),
     ("ACCOUNT_NUMBER", "Wire USD 25,000 to account 0012345678 today.", "0012345678"),

@@ -79,6 +79,9 @@ def guard_eval_command(
     subset: Annotated[
         str, typer.Option(help="PhraseBank subset whose clean sentences must stay unaltered.")
     ] = "50agree",
+    compare_defaults: Annotated[
+        bool, typer.Option(help="Also measure Presidio's own defaults (full spaCy NER) as the baseline (slow).")
+    ] = False,
     profile: ProfileOption = None,
 ) -> None:
     """Recall and leak rate on synthetic PII (dev and held-out eval templates), clean sentences altered, latency."""
@@ -101,6 +104,8 @@ def guard_eval_command(
     report["latency"] = {"texts": "phrasebank" if clean["texts"] else "synthetic_eval",
                          **guard_eval.latency(guard, texts, config.eval_latency_samples)}
     report["targets"] = _targets(report)
+    if compare_defaults:
+        report["presidio_defaults"] = _presidio_defaults(settings, clean["texts"], texts)
     target = output or settings.output_dir / "guardrails" / "guard_eval.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -120,6 +125,31 @@ def _clean_sentences(settings: Settings, subset: str) -> dict[str, Any]:
     digest = hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
     return {"texts": texts, "data": {"subset": source.subset, "source_sha256": source.sha256,
                                      "sentences_sha256": digest, "sentences": len(texts)}}
+
+
+def _presidio_defaults(settings: Settings, clean_texts: list[str], latency_texts: list[str]) -> dict[str, Any]:
+    """The same figures for Presidio's defaults: PII-only entity set, and every default entity (clean text only)."""
+    config = settings.guardrails
+    pii_only = guard_eval.presidio_defaults_guard(config, pii_only=True)
+    cases = guard_eval.build_cases("eval", config.eval_samples_per_template, config.eval_seed)
+    baseline: dict[str, Any] = {"pii_only": {
+        "entities": pii_only.settings.entities,
+        "synthetic_eval": guard_eval.score_cases(pii_only, cases),
+        "latency": guard_eval.latency(pii_only, latency_texts, config.eval_latency_samples),
+    }}
+    if clean_texts:
+        baseline["pii_only"]["clean_phrasebank"] = _without_indices(guard_eval.clean_alterations(pii_only, clean_texts))
+        every = guard_eval.presidio_defaults_guard(config, pii_only=False)
+        baseline["all_entities"] = {
+            "entities": every.settings.entities,
+            "clean_phrasebank": _without_indices(guard_eval.clean_alterations(every, clean_texts)),
+        }
+    return baseline
+
+
+def _without_indices(report: dict[str, Any]) -> dict[str, Any]:
+    """A clean-alteration report without its (long) list of altered sentence indices."""
+    return {key: value for key, value in report.items() if key != "altered_indices"}
 
 
 def _timing_environment() -> dict[str, Any]:

@@ -21,13 +21,21 @@ import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import phonenumbers
+import presidio_analyzer
+import yaml
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
+from presidio_analyzer import AnalyzerEngine
+from presidio_analyzer.nlp_engine import NlpEngineProvider
+from presidio_analyzer.recognizer_registry import RecognizerRegistryProvider
 
+from fintune.config import GuardrailSettings
 from fintune.guardrails.engine import PIIGuard
+from fintune.guardrails.recognizers import OfflineEmailRecognizer
 
 PLACEHOLDER = "{pii}"
 
@@ -403,3 +411,30 @@ def latency(guard: PIIGuard, texts: Sequence[str], samples: int) -> dict[str, An
         "batch_size": guard.settings.batch_size,
         "batch_speedup": round(statistics.fmean(timings) / batch_ms, 2),
     }
+
+
+# --- the baseline: Presidio's own defaults --------------------------------------------------------------------
+
+PRESIDIO_PII_ONLY = ("US_SSN", "CREDIT_CARD", "EMAIL_ADDRESS", "PHONE_NUMBER", "IBAN_CODE", "US_BANK_NUMBER")
+"""The issue's PII entity set, restricted to types Presidio's default registry knows."""
+
+
+def presidio_defaults_guard(settings: GuardrailSettings, pii_only: bool) -> PIIGuard:
+    """A guard as ``AnalyzerEngine()`` builds it (default NLP configuration and registry, threshold 0).
+
+    Two changes only: the configured spaCy model replaces ``en_core_web_lg``, and the email recognizer is the
+    offline one, so that the baseline, too, never touches the network. ``pii_only`` restricts it to
+    :data:`PRESIDIO_PII_ONLY`; otherwise every default entity is masked.
+    """
+    conf_file = Path(presidio_analyzer.__file__).parent / "conf" / "default.yaml"
+    nlp_configuration = yaml.safe_load(conf_file.read_text(encoding="utf-8"))
+    nlp_configuration["models"] = [{"lang_code": settings.language, "model_name": settings.spacy_model}]
+    nlp_engine = NlpEngineProvider(nlp_configuration=nlp_configuration).create_engine()
+    provider = RecognizerRegistryProvider(registry_configuration={"supported_languages": [settings.language]})
+    registry = provider.create_recognizer_registry()
+    registry.add_nlp_recognizer(nlp_engine=nlp_engine)
+    registry.remove_recognizer("EmailRecognizer")
+    registry.add_recognizer(OfflineEmailRecognizer(supported_language=settings.language))
+    analyzer = AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=[settings.language])
+    entities = list(PRESIDIO_PII_ONLY) if pii_only else sorted(analyzer.get_supported_entities(settings.language))
+    return PIIGuard(settings.model_copy(update={"entities": entities}), analyzer)

@@ -62,7 +62,19 @@ class OfflineEmailRecognizer(EmailRecognizer):
         return self._EXTRACT(pattern_text).fqdn != ""
 
 
-class Mastercard2SeriesRecognizer(CreditCardRecognizer):
+class FinancialCreditCardRecognizer(CreditCardRecognizer):
+    """Presidio's Luhn-checked card recognizer, minus numbers written with a leading "+": those are
+    international phone numbers (a German mobile in E.164 can pass the Luhn check), never cards."""
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None
+    ) -> list[RecognizerResult]:
+        """Presidio's card matches that do not follow a "+"."""
+        results = super().analyze(text, entities, nlp_artifacts)
+        return [r for r in results if not text[:r.start].rstrip().endswith("+")]
+
+
+class Mastercard2SeriesRecognizer(FinancialCreditCardRecognizer):
     """Mastercard's 2221-2720 range, which Presidio's card pattern lacks; Luhn-checked like every card."""
 
     PATTERNS = [
@@ -179,7 +191,7 @@ def all_recognizers(phone_regions: Sequence[str] = ("US",), language: str = "en"
     return [
         UsSsnRecognizer(supported_language=language),
         ContextSsnRecognizer(supported_language=language),
-        CreditCardRecognizer(supported_language=language),
+        FinancialCreditCardRecognizer(supported_language=language),
         Mastercard2SeriesRecognizer(supported_language=language),
         OfflineEmailRecognizer(supported_language=language),
         FinancialPhoneRecognizer(supported_language=language, supported_regions=tuple(phone_regions)),
