@@ -85,3 +85,16 @@ def test_filter_on_one_handler_redacts_its_records(guard: PIIGuard) -> None:
         log.removeHandler(handler)
         log.propagate = True
     assert buffer.getvalue().strip() == "card <CREDIT_CARD> declined"
+
+
+def test_fast_path_skips_only_text_no_recognizer_can_match() -> None:
+    import random
+
+    from fintune.guardrails.evaluation import GENERATORS
+    from fintune.guardrails.log_redaction import may_hold_pii
+    from fintune.guardrails.recognizers import supported_entities
+
+    rng = random.Random(5)
+    assert set(GENERATORS) | {"US_BANK_NUMBER"} == set(supported_entities())
+    assert all(may_hold_pii(gen(rng)[0]) for gen in GENERATORS.values() for _ in range(50))
+    assert not may_hold_pii("Operating profit rose sharply in the quarter .")

@@ -191,3 +191,5 @@ def test_metrics_in_prometheus_and_json(client: TestClient) -> None:
     assert "fintune_pii_detections_total" in text.text
     assert snapshot["requests"]["total"] == 1 and snapshot["serving"]["batching"]["items"] == 1
     assert snapshot["request_id"]
+    stages = snapshot["serving"]["stage_seconds"]
+    assert stages["texts"] == 1 and stages["guard_s"] > 0 and 0 < stages["guard_share"] < 1

@@ -40,12 +40,19 @@ def redact_record(record: logging.LogRecord, guard: PIIGuard) -> logging.LogReco
     return record
 
 
+def may_hold_pii(text: str) -> bool:
+    """False only for text no recognizer can match: every supported entity needs a digit or an "@"."""
+    return "@" in text or any(ch.isdigit() for ch in text)
+
+
 def _redact_message(record: logging.LogRecord, guard: PIIGuard) -> None:
     """Merge the arguments into the message and mask it when it holds PII."""
     try:
         message = record.getMessage()
     except (TypeError, ValueError):  # a malformed %-format: redact the template and the arguments' text
         message = f"{record.msg} {record.args}"
+    if not may_hold_pii(message):
+        return
     result = guard.redact(message)
     if result.pii_detected:
         record.msg, record.args = result.redacted_text, None

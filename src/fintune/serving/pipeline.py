@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import unicodedata
 from collections.abc import Callable
@@ -75,6 +74,23 @@ class ItemError:
     message: str
     status: int
     retry_after_s: float | None = None
+
+
+@dataclass
+class StageTimes:
+    """Seconds the batch path spent in each step (the load benchmark reports the guard's share)."""
+
+    guard_s: float = 0.0
+    model_s: float = 0.0
+    checks_s: float = 0.0
+    batches: int = 0
+    texts: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """JSON-ready, with the guard's share of the batch time."""
+        total = self.guard_s + self.model_s + self.checks_s
+        return {**{k: round(v, 4) for k, v in self.__dict__.items()},
+                "guard_share": round(self.guard_s / total, 4) if total else 0.0}
 
 
 @dataclass(frozen=True)
@@ -183,7 +199,7 @@ class ClassificationPipeline:
         self.slot = slot
         self.fallback = fallback
         self.fallback_tag = None if fallback is None else ModelTag(fallback.name, fallback.profile, fallback.version)
-        self._latency_lock = threading.Lock()
+        self.times = StageTimes()
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self, text: str) -> str:
@@ -206,21 +222,35 @@ class ClassificationPipeline:
     # ---- the batch path (worker thread) --------------------------------------------------------------------
     def process_batch(self, texts: list[str]) -> list[ItemOutcome]:
         """Guard, classify and check a batch of already validated texts; one outcome per text."""
+        started = time.perf_counter()
         try:
             guarded = self.guard.redact_batch(texts)
         except Exception as exc:  # fail closed: an unguarded text never reaches the model or the logs
             logger.exception("PII guard failed on a batch of %d texts", len(texts))
             error = ItemError("guardrail_failed", f"the PII guard failed ({type(exc).__name__}); retry later", 500)
             return [ItemOutcome(error=error) for _ in texts]
+        guarded_at = time.perf_counter()
         masked = [g.redacted_text for g in guarded]
         predictions, degraded, tag, error = self._predict(masked)
+        predicted_at = time.perf_counter()
         if error is not None:
-            return [ItemOutcome(guardrail=g, error=error) for g in guarded]
-        outcomes = [self._checked(g, p, degraded, tag) for g, p in zip(guarded, predictions, strict=True)]
+            outcomes = [ItemOutcome(guardrail=g, error=error) for g in guarded]
+        else:
+            outcomes = [self._checked(g, p, degraded, tag) for g, p in zip(guarded, predictions, strict=True)]
+        self._time(len(texts), started, guarded_at, predicted_at)
         for text, outcome in zip(masked, outcomes, strict=True):
             label = outcome.prediction.label if outcome.prediction else None
             logger.debug("classified %r -> %s (degraded %s)", text[:120], label, degraded)
         return outcomes
+
+    def _time(self, n: int, started: float, guarded_at: float, predicted_at: float) -> None:
+        """Add one batch's step durations to :attr:`times` (one worker thread writes them)."""
+        t = self.times
+        t.guard_s += guarded_at - started
+        t.model_s += predicted_at - guarded_at
+        t.checks_s += time.perf_counter() - predicted_at
+        t.batches += 1
+        t.texts += n
 
     def _predict(self, masked: list[str]) -> tuple[list[Prediction], bool, ModelTag | None, ItemError | None]:
         """The model's predictions, else the baseline's (degraded), else an error for every item."""
@@ -319,4 +349,5 @@ class ClassificationPipeline:
             "breaker": self.breaker.snapshot(),
             "degraded_mode": self.serving.degraded_mode,
             "degraded_available": self.degraded_available,
+            "stage_seconds": self.times.as_dict(),
         }
