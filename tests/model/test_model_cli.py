@@ -44,11 +44,15 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert comparison["verdict"].split(":")[0] in {"yes", "no", "not proven"}
 
 
-def test_lora_report_prints_the_exact_mistral_count(capsys: pytest.CaptureFixture) -> None:
-    assert main(["lora-report", "--profile", "mistral-7b"]) == 0
+def test_lora_report_prints_the_exact_mistral_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    saved = tmp_path / "report.json"
+    assert main(["lora-report", "--profile", "mistral-7b", "--output", str(saved)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["trainable_params"] == 13_631_488
     assert {"total_params", "target_modules", "bf16_bytes", "nf4_bytes"} <= set(report)
+    written = json.loads(saved.read_text())
+    assert written["provenance"]["command"].endswith(f"--output {saved}")
+    assert {k: v for k, v in written.items() if k != "provenance"} == report
 
 
 def test_evaluate_a_folder_without_a_model_is_one_error_line(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:

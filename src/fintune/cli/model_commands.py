@@ -60,11 +60,23 @@ def train_command(
 
 
 @app.command("lora-report")
-def lora_report_command(profile: ProfileOption = None) -> None:
+def lora_report_command(
+    profile: ProfileOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the report, with its provenance, to this file.")
+    ] = None,
+) -> None:
     """Print the profile's exact LoRA parameter counts and bf16 vs NF4 weight bytes as JSON (no weights needed)."""
+    from fintune.evaluation import write_json
     from fintune.model.lora import lora_report
+    from fintune.provenance import provenance
 
-    typer.echo(json.dumps(lora_report(load_settings(profile)), indent=2))
+    settings = load_settings(profile)
+    report = lora_report(settings)
+    typer.echo(json.dumps(report, indent=2))
+    if output is not None:
+        command = f"fintune lora-report --profile {settings.profile} --output {output}"
+        write_json(output, {"provenance": provenance(command), **report})
 
 
 @app.command("evaluate")

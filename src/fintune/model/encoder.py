@@ -141,11 +141,13 @@ def train_encoder(
     classifier.save(output_dir)
     validation = [ex.label for ex in splits.validation]
     metrics = classification_metrics(validation, classifier.predict_labels([ex.text for ex in splits.validation]))
+    source = encoder_source(encoder)
     card = {
         "provenance": provenance(f"fintune train --profile {settings.profile}"),
         "backend": "encoder",
         "profile": settings.profile,
-        "base_model": encoder_source(encoder),
+        "base_model": encoder.hub_model if source == encoder.hub_model else settings.model.base_model,
+        "base_source": source,
         "model_settings": settings.model.model_dump(mode="json"),
         "data": splits.describe(),
         "trainable_params": sum(p.numel() for p in classifier.model.parameters() if p.requires_grad),
