@@ -47,11 +47,11 @@ def train_command(
     if settings.model.backend == "encoder":
         from fintune.model.encoder import train_encoder
 
-        _, card = train_encoder(settings, target, max_steps=max_steps, splits=splits)
+        _, card = train_encoder(settings, target, max_steps=max_steps, splits=splits, command=command_line())
     else:
         from fintune.model.training import train
 
-        card = train(settings, target, max_steps=max_steps, splits=splits).card
+        card = train(settings, target, max_steps=max_steps, splits=splits, command=command_line()).card
     validation = card["validation"]
     console.print(
         f"done in {card['train_seconds']} s, {card['global_steps']} steps; validation accuracy "

@@ -125,6 +125,7 @@ def train_encoder(
     output_dir: Path,
     max_steps: int | None = None,
     splits: DataSplits | None = None,
+    command: str | None = None,
 ) -> tuple[EncoderClassifier, dict[str, Any]]:
     """Fine-tune the encoder on the training split, save it with its card; returns it and the card."""
     encoder = settings.model.encoder
@@ -143,7 +144,7 @@ def train_encoder(
     metrics = classification_metrics(validation, classifier.predict_labels([ex.text for ex in splits.validation]))
     source = encoder_source(encoder)
     card = {
-        "provenance": provenance(f"fintune train --profile {settings.profile}"),
+        "provenance": provenance(command or f"fintune train --profile {settings.profile}"),
         "backend": "encoder",
         "profile": settings.profile,
         "base_model": encoder.hub_model if source == encoder.hub_model else settings.model.base_model,

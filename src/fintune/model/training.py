@@ -96,6 +96,7 @@ def train(
     output_dir: Path | None = None,
     max_steps: int | None = None,
     splits: DataSplits | None = None,
+    command: str | None = None,
 ) -> TrainingResult:
     """Fine-tune the profile's base with QLoRA and save adapter, model card, loss curve and drift baseline."""
     out = Path(output_dir or default_output_dir(settings))
@@ -133,7 +134,7 @@ def train(
     validation = score_validation(classifier, splits, model_cfg.training.validation_limit, out)
     trainable, total = count_parameters(peft_model)
     card = {
-        "provenance": provenance(f"fintune train --profile {settings.profile}"),
+        "provenance": provenance(command or f"fintune train --profile {settings.profile}"),
         "backend": "qlora",
         "profile": settings.profile,
         "base_model": model_cfg.base_model,
