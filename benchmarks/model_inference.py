@@ -1,0 +1,107 @@
+"""Inference paths of a trained QLoRA adapter; writes benchmarks/results/model_inference_<profile>.json.
+
+Scores the test split with the same adapter three ways and compares them with the unmerged NF4 model (the model
+exactly as it was trained):
+
+* ``nf4``: the NF4 base + the LoRA adapter, unmerged (the reference);
+* ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it, bf16 weights (the default fast path);
+* ``merged_fp32``: the same in float32.
+
+For each: milliseconds per sentence in length-sorted batches (``inference.batch_size``), single-sentence p50,
+and the share of test sentences whose label agrees with the NF4 reference, plus the largest probability gap.
+
+Run: ``.venv/bin/python benchmarks/model_inference.py --model outputs/models/cpu``
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fintune import LABELS
+from fintune.config import load_settings
+from fintune.data import load_splits
+from fintune.evaluation import classification_metrics, latency_percentiles, write_json
+from fintune.model.card import read_card
+from fintune.model.inference import SentimentClassifier
+from fintune.provenance import provenance
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def score(classifier: SentimentClassifier, texts: list[str], labels: list[str], samples: int) -> dict[str, Any]:
+    """Probabilities, batched ms/sentence, single-sentence latency and quality of one inference path."""
+    classifier.predict_proba(texts[:8])  # warm-up
+    started = time.perf_counter()
+    probabilities = classifier.predict_proba(texts)
+    elapsed = time.perf_counter() - started
+    predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
+    quality = classification_metrics(labels, predicted)
+    latency = latency_percentiles(lambda t: classifier.predict_proba([t]), texts, samples)
+    return {
+        "probabilities": probabilities,
+        "batch_ms_per_sentence": round(1000 * elapsed / len(texts), 2),
+        "single_p50_ms": latency["p50_ms"],
+        "single_p95_ms": latency["p95_ms"],
+        "accuracy": quality["accuracy"],
+        "macro_f1": quality["macro_f1"],
+    }
+
+
+def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """Share of identical argmax labels and the largest absolute probability difference."""
+    return {
+        "label_agreement": round(float((reference.argmax(1) == other.argmax(1)).mean()), 4),
+        "max_probability_gap": round(float(np.abs(reference - other).max()), 4),
+    }
+
+
+def main() -> None:
+    """Score every path and write the result file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True, help="A folder written by `fintune train`.")
+    parser.add_argument("--subset", default="50agree")
+    parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    card = read_card(args.model)
+    profile = card["profile"]
+    settings = load_settings(profile)
+    splits = load_splits(settings, args.subset)
+    texts, labels = [ex.text for ex in splits.test], [ex.label for ex in splits.test]
+    paths = {"nf4": dict(merge=False), "merged_bf16": dict(merge=True, dtype="bfloat16"),
+             "merged_fp32": dict(merge=True, dtype="float32")}
+    results: dict[str, Any] = {}
+    for name, how in paths.items():
+        inference = settings.model.inference.model_copy(update={"dtype": how.get("dtype", "bfloat16")})
+        model_settings = settings.model.model_copy(update={"inference": inference})
+        path_settings = settings.model_copy(update={"model": model_settings})
+        classifier = SentimentClassifier.from_pretrained(args.model, path_settings, merge=how["merge"])
+        results[name] = score(classifier, texts, labels, args.latency_samples)
+        print(f"{name}: {results[name]['batch_ms_per_sentence']} ms/sentence batched, "
+              f"accuracy {results[name]['accuracy']:.4f}", flush=True)
+        del classifier
+    reference = results["nf4"]["probabilities"]
+    for figures in results.values():
+        figures.update(agreement(reference, figures.pop("probabilities")))
+    output = args.output or RESULTS / f"model_inference_{profile}.json"
+    write_json(output, {
+        "provenance": provenance("python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])),
+        "model": {"dir": str(args.model), "profile": profile, "base_model": card["base_model"],
+                  "trained_fingerprint": card["data"]["fingerprint"]},
+        "data": {**splits.describe(), "evaluated_sentences": len(texts)},
+        "threads": torch.get_num_threads(),
+        "batch_size": settings.model.inference.batch_size,
+        "paths": results,
+    })
+    print(f"written to {output}")
+
+
+if __name__ == "__main__":
+    main()
