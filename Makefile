@@ -24,9 +24,15 @@ $(STAMP): pyproject.toml requirements/models.txt | $(BIN)/python
 
 install: $(STAMP) ## Create .venv and install everything (fast when already done)
 
-run: install ## The main job: data check, baselines
+PROFILE ?= cpu
+MODEL   := outputs/models/$(PROFILE)
+
+run: install ## The main job: data check, baselines, fine-tune (once), evaluate, then serve
 	$(BIN)/fintune data
 	$(BIN)/fintune baselines --subset $(SUBSET)
+	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --skip-if-trained
+	$(BIN)/fintune evaluate --profile $(PROFILE) --model $(MODEL) --subset $(SUBSET)
+	$(BIN)/fintune serve --profile $(PROFILE)
 
 test: install ## The whole test suite
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest
