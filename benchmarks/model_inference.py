@@ -1,13 +1,15 @@
 """Inference paths of a trained QLoRA adapter; writes benchmarks/results/model_inference_<profile>.json.
 
-Scores the test split with the same adapter three ways and compares them with the unmerged NF4 model (the model
+Scores the test split with the same adapter four ways and compares them with the unmerged NF4 model (the model
 exactly as it was trained):
 
-* ``nf4``: the NF4 base + the LoRA adapter, unmerged (the reference);
-* ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it, bf16 weights (the default fast path);
+* ``nf4``: the NF4 base + the LoRA adapter, unmerged, embeddings/norms/head in fp32 as in training (the reference);
+* ``nf4_bf16``: the same with embeddings/norms/head left in bf16 (``inference.upcast_unquantized: false``);
+* ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it, bf16 weights (the merged path, for GPUs);
 * ``merged_fp32``: the same in float32.
 
-For each: milliseconds per sentence in length-sorted batches (``inference.batch_size``), single-sentence p50,
+For each: milliseconds per sentence in length-sorted batches (``inference.batch_size``; median of ``--repeats``
+passes), single-sentence p50,
 and the share of test sentences whose label agrees with the NF4 reference, plus the largest probability gap.
 
 Run: ``.venv/bin/python benchmarks/model_inference.py --model outputs/models/cpu``
@@ -35,12 +37,17 @@ from fintune.provenance import provenance
 RESULTS = Path(__file__).parent / "results"
 
 
-def score(classifier: SentimentClassifier, texts: list[str], labels: list[str], samples: int) -> dict[str, Any]:
+def score(
+    classifier: SentimentClassifier, texts: list[str], labels: list[str], samples: int, repeats: int
+) -> dict[str, Any]:
     """Probabilities, batched ms/sentence, single-sentence latency and quality of one inference path."""
     classifier.predict_proba(texts[:8])  # warm-up
-    started = time.perf_counter()
-    probabilities = classifier.predict_proba(texts)
-    elapsed = time.perf_counter() - started
+    passes = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        probabilities = classifier.predict_proba(texts)
+        passes.append(time.perf_counter() - started)
+    elapsed = float(np.median(passes))
     predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
     quality = classification_metrics(labels, predicted)
     latency = latency_percentiles(lambda t: classifier.predict_proba([t]), texts, samples)
@@ -68,6 +75,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="A folder written by `fintune train`.")
     parser.add_argument("--subset", default="50agree")
     parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3, help="Batched passes over the test split (median kept).")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     card = read_card(args.model)
@@ -75,15 +83,20 @@ def main() -> None:
     settings = load_settings(profile)
     splits = load_splits(settings, args.subset)
     texts, labels = [ex.text for ex in splits.test], [ex.label for ex in splits.test]
-    paths = {"nf4": dict(merge=False), "merged_bf16": dict(merge=True, dtype="bfloat16"),
-             "merged_fp32": dict(merge=True, dtype="float32")}
+    paths = {
+        "nf4": dict(merge=False, upcast_unquantized=True),
+        "nf4_bf16": dict(merge=False, upcast_unquantized=False),
+        "merged_bf16": dict(merge=True, dtype="bfloat16"),
+        "merged_fp32": dict(merge=True, dtype="float32"),
+    }
     results: dict[str, Any] = {}
     for name, how in paths.items():
-        inference = settings.model.inference.model_copy(update={"dtype": how.get("dtype", "bfloat16")})
+        update = {"dtype": how.get("dtype", "bfloat16"), "upcast_unquantized": how.get("upcast_unquantized", True)}
+        inference = settings.model.inference.model_copy(update=update)
         model_settings = settings.model.model_copy(update={"inference": inference})
         path_settings = settings.model_copy(update={"model": model_settings})
         classifier = SentimentClassifier.from_pretrained(args.model, path_settings, merge=how["merge"])
-        results[name] = score(classifier, texts, labels, args.latency_samples)
+        results[name] = score(classifier, texts, labels, args.latency_samples, args.repeats)
         print(f"{name}: {results[name]['batch_ms_per_sentence']} ms/sentence batched, "
               f"accuracy {results[name]['accuracy']:.4f}", flush=True)
         del classifier

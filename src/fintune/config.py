@@ -146,6 +146,12 @@ class InferenceSettings(Section):
     dtype: Literal["bfloat16", "float32"] = Field(
         "bfloat16", description="Weights dtype of the merged model (ignored for the unmerged NF4 path)."
     )
+    upcast_unquantized: bool = Field(
+        True,
+        description="Unmerged NF4 path: cast embeddings, norms and head to fp32 as training did, so the model "
+        "computes exactly as trained. False keeps them in the compute dtype: no casts around every 4-bit layer "
+        "(faster on CPU) at a small numeric difference (label agreement in benchmarks/results/model_inference_*).",
+    )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
     latency_samples: int = Field(50, ge=5, description="Single-sentence predictions timed for p50/p95.")
     calibration_bins: int = Field(10, ge=2, description="Equal-width confidence bins of the calibration error.")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from bitsandbytes.nn import Linear4bit
 
 from fintune import LABELS
@@ -13,7 +14,7 @@ from fintune.config import Settings
 from fintune.data import load_splits
 from fintune.errors import ArtifactError
 from fintune.model.card import is_trained
-from fintune.model.inference import SentimentClassifier
+from fintune.model.inference import SentimentClassifier, merge_adapter_in_fp32
 from fintune.model.training import last_checkpoint, train
 
 pytestmark = pytest.mark.slow
@@ -70,3 +71,52 @@ def test_resumes_from_its_last_checkpoint(tiny_settings: Settings) -> None:
 def test_loading_a_folder_without_an_adapter_says_what_to_do(tiny_settings: Settings) -> None:
     with pytest.raises(ArtifactError, match="fintune train"):
         SentimentClassifier.from_pretrained(tiny_settings.output_dir, tiny_settings)
+
+
+def test_label_only_head_equals_the_full_head_and_a_wrong_head_is_caught(tiny_settings: Settings) -> None:
+    out = train(tiny_settings, max_steps=1, splits=load_splits(tiny_settings)).output_dir
+    classifier = SentimentClassifier.from_pretrained(out, tiny_settings, merge=False)
+    assert classifier.uses_label_head
+    sequences = [classifier.tokenizer(classifier.prompts(["Sales fell ."]))["input_ids"][0]]
+    with torch.inference_mode():
+        fast = classifier._label_logits(sequences, classifier._label_rows)
+        full = classifier._label_logits(sequences, None)
+    torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+    classifier._label_rows = torch.randn_like(classifier._label_rows)
+    assert not classifier._label_head_matches()
+
+
+def test_compute_dtype_path_keeps_no_fp32_weights_and_scores_like_the_trained_model(
+    tiny_settings: Settings,
+) -> None:
+    out = train(tiny_settings, max_steps=1, splits=load_splits(tiny_settings)).output_dir
+    texts = [ex.text for ex in load_splits(tiny_settings).test]
+    exact = SentimentClassifier.from_pretrained(out, tiny_settings, merge=False)
+    inference = tiny_settings.model.inference.model_copy(update={"upcast_unquantized": False})
+    fast_settings = tiny_settings.model_copy(
+        update={"model": tiny_settings.model.model_copy(update={"inference": inference})}
+    )
+    fast = SentimentClassifier.from_pretrained(out, fast_settings, merge=False)
+    assert torch.float32 in {p.dtype for p in exact.model.parameters()}
+    assert torch.float32 not in {p.dtype for p in fast.model.parameters()}
+    np.testing.assert_allclose(fast.predict_proba(texts), exact.predict_proba(texts), atol=0.02)
+
+
+def test_adapter_is_merged_in_fp32_and_rounded_once() -> None:
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 64, bias=False)).to(torch.bfloat16)
+        model = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.data = (torch.randn_like(param, dtype=torch.float32) * 0.3).to(torch.bfloat16)
+        return model
+
+    layer = lora_model().base_model.model[0]
+    a, b = layer.lora_A["default"].weight.float(), layer.lora_B["default"].weight.float()
+    expected = (layer.base_layer.weight.float() + (b @ a) * layer.scaling["default"]).to(torch.bfloat16)
+    merged = merge_adapter_in_fp32(lora_model(), torch.bfloat16)
+    assert torch.equal(merged[0].weight, expected)
+    assert not torch.equal(lora_model().merge_and_unload()[0].weight, expected)  # peft's bf16 merge rounds twice
