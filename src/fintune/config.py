@@ -174,6 +174,12 @@ class EncoderSettings(Section):
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear decay).")
     max_length: int = Field(96, ge=8, description="Tokens kept per sentence.")
     max_steps: int = Field(-1, description="Stop after this many steps; -1 trains for `epochs`.")
+    inference_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="Weights dtype of a trained encoder when it predicts (training is always fp32). auto: bf16 on "
+        "a GPU with bf16 or a CPU with AVX512-BF16/AMX (2-core AMD EPYC, 50agree test: the same labels, 2.7 against "
+        "6.2 ms a sentence), else fp32.",
+    )
 
 
 class ModelSettings(Section):

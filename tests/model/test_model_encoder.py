@@ -26,8 +26,17 @@ settings = load_settings("encoder", data_dir=Path(sys.argv[1]), output_dir=Path(
 _, card = train_encoder(settings, Path(sys.argv[2]) / "encoder", max_steps=3)
 reloaded = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", settings)
 labels = reloaded.predict_labels(["Net sales increased by 5 % .", "Operating profit fell ."])
+def with_dtype(name):
+    encoder = settings.model.encoder.model_copy(update={"inference_dtype": name})
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"encoder": encoder})})
+fp32, bf16 = with_dtype("float32"), with_dtype("bfloat16")
+texts = ["Net sales increased by 5 % .", "Operating profit fell .", "The company is based in Helsinki ."]
+exact = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", fp32)
+fast = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", bf16)
+gap = float(abs(exact.predict_proba(texts) - fast.predict_proba(texts)).max())
 loaded = [m for m in ("bitsandbytes", "peft", "trl") if sys.modules.get(m) is not None]
-print(json.dumps({"labels": labels, "steps": card["global_steps"], "heavy": loaded}))
+print(json.dumps({"labels": labels, "steps": card["global_steps"], "heavy": loaded, "bf16_gap": gap,
+                  "dtypes": [str(exact.model.dtype), str(fast.model.dtype)]}))
 """
 
 
@@ -43,3 +52,5 @@ def test_encoder_runs_without_bitsandbytes_peft_or_trl(tiny_data_dir: Path, tmp_
     assert result["steps"] == 3
     assert set(result["labels"]) <= {"negative", "neutral", "positive"} and len(result["labels"]) == 2
     assert (tmp_path / "encoder" / "fintune.json").is_file()
+    assert result["dtypes"] == ["torch.float32", "torch.bfloat16"]
+    assert result["bf16_gap"] < 0.05  # the bf16 fast path scores like the fp32 model it was trained as

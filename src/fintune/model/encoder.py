@@ -49,6 +49,22 @@ def encoder_source(encoder: EncoderSettings) -> str:
     return encoder.hub_model
 
 
+def inference_dtype(name: str) -> torch.dtype:
+    """The dtype a trained encoder predicts in; ``auto`` is bf16 where the hardware computes it natively."""
+    if name != "auto":
+        return getattr(torch, name)
+    return torch.bfloat16 if _native_bf16() else torch.float32
+
+
+def _native_bf16() -> bool:
+    """Whether this machine's accelerator or CPU has bf16 arithmetic (else bf16 is emulated and slow)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
+
+
 class EncoderClassifier:
     """An encoder + linear head over the three labels; the same predict API as SentimentClassifier."""
 
@@ -81,9 +97,12 @@ class EncoderClassifier:
     def from_pretrained(cls, model_dir: Path, settings: Settings) -> EncoderClassifier:
         """A fine-tuned encoder saved by :func:`train_encoder`."""
         read_card(model_dir)
+        encoder = settings.model.encoder
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
-        return cls(model, tokenizer, settings.model.encoder)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(model_dir), dtype=inference_dtype(encoder.inference_dtype)
+        )
+        return cls(model, tokenizer, encoder)
 
     def save(self, out: Path) -> None:
         """Write weights and tokenizer to ``out``."""
