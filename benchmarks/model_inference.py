@@ -5,12 +5,15 @@ exactly as it was trained):
 
 * ``nf4``: the NF4 base + the LoRA adapter, unmerged, embeddings/norms/head in fp32 as in training (the reference);
 * ``nf4_bf16``: the same with embeddings/norms/head left in bf16 (``inference.upcast_unquantized: false``);
-* ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it, bf16 weights (the merged path, for GPUs);
+* ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it in fp32, bf16 weights;
 * ``merged_fp32``: the same in float32.
 
-For each: milliseconds per sentence in length-sorted batches (``inference.batch_size``; median of ``--repeats``
-passes), single-sentence p50,
-and the share of test sentences whose label agrees with the NF4 reference, plus the largest probability gap.
+For the profile's own path, also random 16-sentence groups (what the service's micro-batches look like),
+scored with the profile's ``inference.min_length_ratio`` and as one padded batch per group.
+
+For each: milliseconds per sentence in length buckets (``inference.batch_size``; median of ``--repeats``
+passes), single-sentence p50, and the share of test sentences whose label agrees with the NF4 reference, plus
+the largest probability gap.
 
 Run: ``.venv/bin/python benchmarks/model_inference.py --model outputs/models/cpu``
 """
@@ -18,6 +21,7 @@ Run: ``.venv/bin/python benchmarks/model_inference.py --model outputs/models/cpu
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from pathlib import Path
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 
 from fintune import LABELS
-from fintune.config import load_settings
+from fintune.config import InferenceSettings, load_settings
 from fintune.data import load_splits
 from fintune.evaluation import classification_metrics, latency_percentiles, write_json
 from fintune.model.card import read_card
@@ -59,6 +63,31 @@ def score(
         "accuracy": quality["accuracy"],
         "macro_f1": quality["macro_f1"],
     }
+
+
+def profile_path(inference: InferenceSettings) -> str:
+    """Which of the measured paths the profile serves."""
+    if inference.merge_adapter:
+        return "merged_bf16" if inference.dtype == "bfloat16" else "merged_fp32"
+    return "nf4" if inference.upcast_unquantized else "nf4_bf16"
+
+
+def mixed_groups(classifier: SentimentClassifier, texts: list[str], size: int, groups: int) -> dict[str, Any]:
+    """ms/sentence on random groups of ``size`` test sentences (what the service's micro-batches look like):
+    the profile's ``min_length_ratio`` against one padded batch per group (ratio 0)."""
+    rng = random.Random(0)
+    samples = [rng.sample(texts, size) for _ in range(groups)]
+    configured = classifier.settings
+    figures: dict[str, Any] = {"group_size": size, "groups": groups}
+    for ratio in (0.0, configured.min_length_ratio):
+        classifier.settings = configured.model_copy(update={"min_length_ratio": ratio})
+        classifier.predict_proba(samples[0])  # warm-up
+        started = time.perf_counter()
+        for group in samples:
+            classifier.predict_proba(group)
+        figures[f"ratio_{ratio:g}_ms_per_sentence"] = round(1000 * (time.perf_counter() - started) / (size * groups), 2)
+    classifier.settings = configured
+    return figures
 
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
@@ -97,6 +126,8 @@ def main() -> None:
         path_settings = settings.model_copy(update={"model": model_settings})
         classifier = SentimentClassifier.from_pretrained(args.model, path_settings, merge=how["merge"])
         results[name] = score(classifier, texts, labels, args.latency_samples, args.repeats)
+        if name == profile_path(settings.model.inference):
+            results[name]["mixed_groups"] = mixed_groups(classifier, texts, size=16, groups=25)
         print(f"{name}: {results[name]['batch_ms_per_sentence']} ms/sentence batched, "
               f"accuracy {results[name]['accuracy']:.4f}", flush=True)
         del classifier

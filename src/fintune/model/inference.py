@@ -2,8 +2,9 @@
 
 The model reads the training prompt and, at the answer position (the last prompt token), we take the logits of
 the first token of `` negative``, `` neutral`` and `` positive`` and softmax them: it can never answer anything
-else, and the top probability is its confidence. Batches are length-sorted and left-padded (position ids come
-from the attention mask, so padding does not change a sentence's scores), under ``torch.inference_mode()``.
+else, and the top probability is its confidence. Batches are length buckets (:mod:`fintune.model.buckets`),
+left-padded (position ids come from the attention mask, so padding does not change a sentence's scores), under
+``torch.inference_mode()``.
 
 Only those three logits are computed: the decoder's last hidden state times the three label rows of the output
 head, instead of the full-vocabulary head (49,152 rows for SmolLM2). A probe at load time checks that this equals
@@ -19,7 +20,7 @@ changed none.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from peft.tuners.lora import LoraLayer
 from fintune import LABELS
 from fintune.config import InferenceSettings, ModelSettings, Settings
 from fintune.errors import ModelError
+from fintune.model.buckets import length_buckets
 from fintune.model.card import read_card
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.quantization import load_base, torch_dtype, upcast_unquantized
@@ -113,8 +115,9 @@ class SentimentClassifier:
         if not texts:
             return out
         encoded = self.tokenizer(self.prompts(texts))["input_ids"]
+        lengths = [len(ids) for ids in encoded]
         with torch.inference_mode():
-            for batch in self._length_sorted_batches(encoded):
+            for batch in length_buckets(lengths, self.settings.batch_size, self.settings.min_length_ratio):
                 out[batch] = self._score([encoded[i] for i in batch])
         return out
 
@@ -128,13 +131,6 @@ class SentimentClassifier:
     def predict_labels(self, texts: Sequence[str]) -> list[str]:
         """Only the labels."""
         return [LABELS[int(i)] for i in self.predict_proba(texts).argmax(axis=1)]
-
-    def _length_sorted_batches(self, encoded: list[list[int]]) -> Iterator[list[int]]:
-        """Indices of the sentences, longest first, cut into batches of similar length."""
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
-        size = self.settings.batch_size
-        for start in range(0, len(order), size):
-            yield order[start : start + size]
 
     def _score(self, sequences: list[list[int]]) -> np.ndarray:
         """Softmax over the label tokens' logits at the last position of each left-padded sequence."""
