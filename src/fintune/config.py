@@ -146,7 +146,8 @@ class InferenceSettings(Section):
         le=1,
         description="A sentence shorter than this share of its batch's longest starts a new batch (less padding). "
         "On random 16-sentence groups of the 50agree test split (the service's micro-batches), 0.65 scored "
-        "19.8 ms a sentence against 27.3 ms for one padded batch (0: never split).",
+        "20.5 ms a sentence against 28.0 ms for one padded batch (benchmarks/results/model_inference_cpu.json; "
+        "0: never split).",
     )
     merge_adapter: bool = Field(
         True, description="De-quantize the NF4 base and merge the adapter into it (fast path); False: NF4 + adapter."
