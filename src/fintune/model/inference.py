@@ -175,10 +175,14 @@ def merge_adapter_in_fp32(model: PeftModel, dtype: torch.dtype) -> Any:
     return model.unload().to(dtype)
 
 
+def _unwrapped(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def _decoder(model: Any) -> Any:
     """The transformer body under the output head (through a PEFT wrapper)."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return base.get_decoder()
+    return _unwrapped(model).get_decoder()
 
 
 def _label_rows(model: Any, label_ids: torch.Tensor) -> torch.Tensor | None:
@@ -192,6 +196,6 @@ def _label_rows(model: Any, label_ids: torch.Tensor) -> torch.Tensor | None:
 def _drop_training_hooks(model: Any) -> None:
     """Remove the input-gradient hook ``prepare_model_for_kbit_training`` adds: with it every activation
     requires grad and bitsandbytes never takes its faster CPU inference kernel."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    base = _unwrapped(model)
     if getattr(base, "_require_grads_hook", None) is not None:
         base.disable_input_require_grads()
