@@ -190,7 +190,7 @@ class EncoderSettings(Section):
     inference_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
         description="Weights dtype of a trained encoder when it predicts (training is always fp32). auto: bf16 on "
-        "a GPU with bf16 or a CPU with AVX512-BF16/AMX (2-core AMD EPYC, 50agree test: the same labels, 2.7 against "
+        "a GPU with bf16 or a CPU with AVX512-BF16/AMX (2-core AMD EPYC, 50agree test: the same labels, 2.3 against "
         "6.2 ms a sentence), else fp32.",
     )
 
