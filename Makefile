@@ -25,14 +25,15 @@ $(STAMP): pyproject.toml requirements/models.txt | $(BIN)/python
 install: $(STAMP) ## Create .venv and install everything (fast when already done)
 
 PROFILE ?= cpu
-MODEL   := outputs/models/$(PROFILE)
+# one model folder per profile, suffixed by the subset when it is not the default: one never replaces the other
+MODEL   := outputs/models/$(PROFILE)$(if $(filter-out 50agree,$(SUBSET)),-$(SUBSET),)
 
 run: install ## The main job: data check, baselines, fine-tune (once), evaluate, then serve
 	$(BIN)/fintune data
 	$(BIN)/fintune baselines --subset $(SUBSET)
-	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --skip-if-trained
+	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --output-dir $(MODEL) --skip-if-trained
 	$(BIN)/fintune evaluate --profile $(PROFILE) --model $(MODEL) --subset $(SUBSET)
-	$(BIN)/fintune serve --profile $(PROFILE)
+	FINTUNE_SERVING__MODEL_DIR=$(MODEL) $(BIN)/fintune serve --profile $(PROFILE)
 
 test: install ## The whole test suite
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest

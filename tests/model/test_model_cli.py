@@ -28,6 +28,13 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert json.loads((model_dir / "fintune.json").read_text())["global_steps"] == 2
     assert main([*args, "--skip-if-trained"]) == 0
     assert "skipped" in capsys.readouterr().out
+    card_before = (model_dir / "fintune.json").read_text()
+    assert main(args) != 0  # a finished model is never silently resumed or replaced
+    assert "--overwrite" in capsys.readouterr().err
+    assert (model_dir / "fintune.json").read_text() == card_before
+    assert main([*args[:-1], "1", "--overwrite"]) == 0
+    replaced = json.loads((model_dir / "fintune.json").read_text())
+    assert (replaced["global_steps"], replaced["resumed"]) == (1, False)
 
     eval_dir = tiny_env / "eval"
     assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir), "--subset", "50agree",

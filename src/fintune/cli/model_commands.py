@@ -15,7 +15,8 @@ import typer
 from fintune.cli._app import app, console
 from fintune.config import load_settings
 from fintune.data import check_subset, load_splits
-from fintune.model.card import is_trained
+from fintune.errors import ArtifactError
+from fintune.model.card import finished_card, forget_training, is_trained
 from fintune.provenance import command_line
 
 ProfileOption = Annotated[
@@ -34,14 +35,22 @@ def train_command(
     skip_if_trained: Annotated[
         bool, typer.Option(help="Do nothing when the folder already holds this profile trained on this data.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Train from scratch even when the folder already holds a finished model (replaced).")
+    ] = False,
 ) -> None:
-    """Fine-tune the profile's model (QLoRA, or the encoder fallback) and save it with its model card."""
+    """Fine-tune the profile's model (QLoRA, or the encoder fallback) and save it with its model card.
+
+    An interrupted QLoRA run resumes from its last checkpoint when started again with the same folder; a folder
+    that already holds a finished model is left alone unless --overwrite (or --skip-if-trained) says otherwise.
+    """
     settings = load_settings(profile)
     splits = load_splits(settings, check_subset(subset) if subset else None)
     target = output_dir or settings.output_dir / "models" / settings.profile
     if skip_if_trained and is_trained(target, settings.profile, splits.fingerprint):
         console.print(f"{target} already holds {settings.profile} trained on {splits.fingerprint[:16]}: skipped")
         return
+    _clear_finished(target, overwrite)
     console.print(f"training {settings.profile} ({settings.model.backend}) on {splits.subset}: "
                   f"{len(splits.train)} sentences, fingerprint {splits.fingerprint[:16]}")
     if settings.model.backend == "encoder":
@@ -57,6 +66,21 @@ def train_command(
         f"done in {card['train_seconds']} s, {card['global_steps']} steps; validation accuracy "
         f"{validation['accuracy']:.3f}, macro-F1 {validation['macro_f1']:.3f}; written to {target}/"
     )
+
+
+def _clear_finished(target: Path, overwrite: bool) -> None:
+    """Refuse to train over a finished model unless told to overwrite it; then forget its card and checkpoints."""
+    card = finished_card(target)
+    if card is None:
+        return
+    if not overwrite:
+        trained = card.get("provenance", {}).get("date", "an earlier run")
+        raise ArtifactError(
+            f"{target} already holds a finished {card.get('profile')} model (trained {trained}); pass --overwrite "
+            "to train it again from scratch, --skip-if-trained to keep it, or choose another --output-dir"
+        )
+    console.print(f"{target}: replacing the finished {card.get('profile')} model (--overwrite)")
+    forget_training(target)
 
 
 @app.command("lora-report")

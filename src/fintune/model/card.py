@@ -1,8 +1,12 @@
-"""The metadata file every trained model folder carries (``fintune.json``): light, imports nothing heavy."""
+"""The metadata file every trained model folder carries (``fintune.json``), and what makes a folder finished.
+
+Light: imports nothing heavy, so the CLI can inspect a folder before loading torch.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +14,9 @@ from fintune.errors import ArtifactError
 
 CARD_FILE = "fintune.json"
 """Metadata written next to every trained model: backend, profile, model settings, data, metrics."""
+
+CHECKPOINT_DIR = "checkpoints"
+"""Sub-folder of a model folder holding the resumable QLoRA training checkpoints."""
 
 
 def read_card(model_dir: Path) -> dict[str, Any]:
@@ -25,10 +32,22 @@ def read_card(model_dir: Path) -> dict[str, Any]:
 
 def is_trained(model_dir: Path, profile: str, fingerprint: str) -> bool:
     """Whether ``model_dir`` holds a finished model of this profile trained on data with this fingerprint."""
+    card = finished_card(model_dir)
+    return card is not None and card.get("profile") == profile and (
+        card.get("data", {}).get("fingerprint") == fingerprint
+    )
+
+
+def finished_card(model_dir: Path) -> dict[str, Any] | None:
+    """The card of the finished model in ``model_dir``, or None when it holds none (or an interrupted run)."""
     try:
         card = read_card(model_dir)
     except ArtifactError:
-        return False
-    return bool(card.get("complete")) and card.get("profile") == profile and (
-        card.get("data", {}).get("fingerprint") == fingerprint
-    )
+        return None
+    return card if card.get("complete") else None
+
+
+def forget_training(model_dir: Path) -> None:
+    """Remove a folder's card and checkpoints, so the next training starts from scratch instead of resuming."""
+    (Path(model_dir) / CARD_FILE).unlink(missing_ok=True)
+    shutil.rmtree(Path(model_dir) / CHECKPOINT_DIR, ignore_errors=True)

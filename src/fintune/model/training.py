@@ -10,7 +10,6 @@ the PEFT adapter and tokenizer, ``README.md`` (model card), ``fintune.json`` (th
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from fintune import LABELS
 from fintune.config import Settings, TrainingSettings
 from fintune.data import DataSplits, Example, load_splits
 from fintune.evaluation import classification_metrics, write_json
-from fintune.model.card import CARD_FILE
+from fintune.model.card import CARD_FILE, CHECKPOINT_DIR
 from fintune.model.inference import SentimentClassifier
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.lora import count_parameters, lora_config
@@ -36,9 +35,6 @@ from fintune.monitoring.drift import save_drift_baseline
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = "checkpoints"
-
 
 @dataclass(frozen=True)
 class TrainingResult:
@@ -174,11 +170,6 @@ def score_validation(
     write_json(out / "validation_report.json", metrics)
     save_drift_baseline(out, predicted, LABELS, source=f"validation of {splits.subset} ({len(examples)} sentences)")
     return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
-
-
-def clear_checkpoints(out: Path) -> None:
-    """Remove a run's checkpoints (keeps the adapter and card)."""
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def model_card(card: dict[str, Any]) -> str:
