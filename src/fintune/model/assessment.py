@@ -1,7 +1,8 @@
 """Judging a trained model on a test split, and against the TF-IDF baselines on the very same sentences.
 
 ``metrics.json``: accuracy, macro-F1, per-class report, confusion matrix (JSON + PNG), expected calibration
-error, latency p50/p95 per sentence and batch throughput. ``comparison.json``: each baseline re-scored on the
+error, latency p50/p95 per sentence, batch throughput and memory (the loaded model's footprint as it serves,
+and the process's peak resident memory). ``comparison.json``: each baseline re-scored on the
 same sentences, a paired bootstrap confidence interval of the macro-F1 difference (model minus baseline), and a
 plain verdict against the best baseline.
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +57,18 @@ def load_classifier(model_dir: Path, settings: Settings) -> Classifier:
     from fintune.model.inference import SentimentClassifier
 
     return SentimentClassifier.from_pretrained(model_dir, settings)
+
+
+def memory_figures(classifier: Classifier) -> dict[str, float | None]:
+    """The loaded model's parameter and buffer bytes, as served, and this process's peak resident memory (MiB)."""
+    model = getattr(classifier, "model", None)
+    footprint = model.get_memory_footprint() if hasattr(model, "get_memory_footprint") else None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak_bytes = peak if sys.platform == "darwin" else peak * 1024
+    return {
+        "model_memory_footprint_mib": round(footprint / 2**20, 1) if footprint is not None else None,
+        "process_peak_rss_mib": round(peak_bytes / 2**20, 1),
+    }
 
 
 def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str, Any]) -> list[Example]:
@@ -193,6 +208,7 @@ def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, co
     examples = unseen_test_examples(settings, splits, card)
     classifier = load_classifier(model_dir, settings)
     metrics = score_model(classifier, examples, settings.model.inference)
+    metrics.update(memory_figures(classifier))
     predicted = metrics.pop("predictions")
     left_out = len(splits.test) - len(examples)
     header = {
