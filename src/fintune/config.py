@@ -163,6 +163,11 @@ class InferenceSettings(Section):
     )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads (None: torch's default).")
     latency_samples: int = Field(50, ge=5, description="Single-sentence predictions timed for p50/p95.")
+    calibrate: bool = Field(
+        True,
+        description="After training, fit a temperature on the validation split (temperature scaling) and apply it "
+        "to the logits, so confidence matches accuracy; labels never change. `fintune calibrate` refits a model.",
+    )
     calibration_bins: int = Field(10, ge=2, description="Equal-width confidence bins of the calibration error.")
     bootstrap_samples: int = Field(1000, ge=100, description="Resamples of the test set for the macro-F1 CI.")
     confidence_level: float = Field(0.95, gt=0.5, lt=1, description="Coverage of the bootstrap interval.")

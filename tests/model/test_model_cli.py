@@ -36,6 +36,11 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     replaced = json.loads((model_dir / "fintune.json").read_text())
     assert (replaced["global_steps"], replaced["resumed"]) == (1, False)
 
+    fitted = json.loads((model_dir / "fintune.json").read_text())["calibration"]["temperature"]
+    assert main(["calibrate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 0
+    refitted = json.loads((model_dir / "fintune.json").read_text())["calibration"]
+    assert refitted["temperature"] == pytest.approx(fitted, rel=0.01)  # a calibrated model stays as it is
+
     eval_dir = tiny_env / "eval"
     assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir), "--subset", "50agree",
                  "--output-dir", str(eval_dir)]) == 0

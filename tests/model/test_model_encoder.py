@@ -36,7 +36,8 @@ fast = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", bf16)
 gap = float(abs(exact.predict_proba(texts) - fast.predict_proba(texts)).max())
 loaded = [m for m in ("bitsandbytes", "peft", "trl") if sys.modules.get(m) is not None]
 print(json.dumps({"labels": labels, "steps": card["global_steps"], "heavy": loaded, "bf16_gap": gap,
-                  "dtypes": [str(exact.model.dtype), str(fast.model.dtype)]}))
+                  "dtypes": [str(exact.model.dtype), str(fast.model.dtype)],
+                  "temperatures": [card["calibration"]["temperature"], reloaded.temperature]}))
 """
 
 
@@ -54,3 +55,5 @@ def test_encoder_runs_without_bitsandbytes_peft_or_trl(tiny_data_dir: Path, tmp_
     assert (tmp_path / "encoder" / "fintune.json").is_file()
     assert result["dtypes"] == ["torch.float32", "torch.bfloat16"]
     assert result["bf16_gap"] < 0.05  # the bf16 fast path scores like the fp32 model it was trained as
+    fitted, applied = result["temperatures"]
+    assert fitted == applied and fitted != 1.0  # fitted on validation after training, applied when loaded

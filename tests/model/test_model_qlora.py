@@ -28,6 +28,8 @@ def test_two_steps_train_save_reload_identical_scores(tiny_settings: Settings) -
     assert card["global_steps"] == 2
     assert card["data"]["fingerprint"] == splits.fingerprint
     assert 0 < card["trainable_params"] < card["total_params"]
+    assert card["calibration"]["temperature"] == result.classifier.temperature != 1.0
+    assert card["calibration"]["nll_after"] <= card["calibration"]["nll_before"]
     for name in ("adapter_model.safetensors", "adapter_config.json", "README.md", "loss_curve.png",
                  "drift_baseline.json", "validation_report.json"):
         assert (out / name).is_file(), name

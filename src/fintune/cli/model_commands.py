@@ -41,8 +41,7 @@ def train_command(
 ) -> None:
     """Fine-tune the profile's model (QLoRA, or the encoder fallback) and save it with its model card.
 
-    An interrupted QLoRA run resumes from its last checkpoint when started again with the same folder; a folder
-    that already holds a finished model is left alone unless --overwrite (or --skip-if-trained) says otherwise.
+    Started again into the same folder, an interrupted QLoRA run resumes; a finished one needs --overwrite.
     """
     settings = load_settings(profile)
     splits = load_splits(settings, check_subset(subset) if subset else None)
@@ -81,6 +80,39 @@ def _clear_finished(target: Path, overwrite: bool) -> None:
         )
     console.print(f"{target}: replacing the finished {card.get('profile')} model (--overwrite)")
     forget_training(target)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A folder written by `fintune train`.")],
+    profile: ProfileOption = None,
+) -> None:
+    """Fit the model's confidence temperature on the validation split it was trained with; update its card.
+
+    Never changes a label, only the confidence. `fintune train` already calibrates (inference.calibrate).
+    """
+    from fintune.evaluation import write_json
+    from fintune.model.assessment import load_classifier
+    from fintune.model.calibration import calibrate
+    from fintune.model.card import CARD_FILE, read_card
+
+    settings = load_settings(profile)
+    card = read_card(model)
+    splits = load_splits(settings, card.get("data", {}).get("subset"))
+    trained_on = card.get("data", {}).get("fingerprint", "")
+    if splits.fingerprint != trained_on:
+        raise ArtifactError(
+            f"{model} was trained on data with fingerprint {trained_on[:16]}, but {splits.subset} here has "
+            f"{splits.fingerprint[:16]}: its validation split is not here; calibrate it where it was trained"
+        )
+    classifier = load_classifier(model, settings)
+    source = f"validation of {splits.subset} ({len(splits.validation)} sentences)"
+    _, record = calibrate(classifier, splits.validation, settings.model.inference.calibration_bins, source)
+    write_json(model / CARD_FILE, {**card, "calibration": {**record, "command": command_line()}})
+    console.print(
+        f"temperature {record['temperature']:.3f}: validation ECE {record['ece_before']} -> {record['ece_after']}, "
+        f"NLL {record['nll_before']} -> {record['nll_after']}; written to {model / CARD_FILE}"
+    )
 
 
 @app.command("lora-report")

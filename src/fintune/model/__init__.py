@@ -9,6 +9,7 @@ Sub-modules, imported on demand so that this package imports nothing heavy:
 - :mod:`fintune.model.training`: SFTTrainer on prompt/completion records, checkpoints, model card;
 - :mod:`fintune.model.inference`: :class:`~fintune.model.inference.SentimentClassifier`;
 - :mod:`fintune.model.buckets`: length buckets, the batches both classifiers score;
+- :mod:`fintune.model.calibration`: temperature scaling of the confidence, and its calibration error;
 - :mod:`fintune.model.assessment`: test-split metrics and the comparison against the baselines;
 - :mod:`fintune.model.encoder`: the CPU fallback, which never imports bitsandbytes, peft or trl.
 """

@@ -33,6 +33,7 @@ from fintune.evaluation import (
     write_classification_artifacts,
     write_json,
 )
+from fintune.model.calibration import card_temperature, expected_calibration_error
 from fintune.model.card import read_card
 from fintune.provenance import provenance
 
@@ -78,19 +79,6 @@ def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str,
         return list(splits.test)
     seen = {ex.text for ex in load_splits(settings, trained_on).train}
     return [ex for ex in splits.test if ex.text not in seen]
-
-
-def expected_calibration_error(probabilities: np.ndarray, correct: np.ndarray, bins: int) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the bin's share."""
-    confidence = probabilities.max(axis=1)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    error = 0.0
-    for b in range(bins):
-        members = which == b
-        if members.any():
-            error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(error)
 
 
 def macro_f1_codes(truth: np.ndarray, predicted: np.ndarray, k: int = len(LABELS)) -> float:
@@ -215,7 +203,8 @@ def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, co
         "provenance": provenance(command),
         "model": {"dir": str(model_dir), "backend": card.get("backend", "qlora"), "profile": card.get("profile"),
                   "base_model": card.get("base_model"), "trained_on": card.get("data", {}).get("subset"),
-                  "trained_fingerprint": card.get("data", {}).get("fingerprint")},
+                  "trained_fingerprint": card.get("data", {}).get("fingerprint"),
+                  "temperature": card_temperature(card)},
         "data": {**splits.describe(), "evaluated_sentences": len(examples), "left_out_seen_in_training": left_out},
     }
     out_dir.mkdir(parents=True, exist_ok=True)

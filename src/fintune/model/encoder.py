@@ -30,6 +30,7 @@ from fintune.data import DataSplits, Example, load_splits
 from fintune.errors import ModelError
 from fintune.evaluation import classification_metrics, write_json
 from fintune.model.buckets import length_buckets
+from fintune.model.calibration import card_temperature, validation_probabilities
 from fintune.model.card import CARD_FILE, read_card
 from fintune.provenance import provenance
 
@@ -69,11 +70,12 @@ def _native_bf16() -> bool:
 class EncoderClassifier:
     """An encoder + linear head over the three labels; the same predict API as SentimentClassifier."""
 
-    def __init__(self, model: Any, tokenizer: Any, encoder: EncoderSettings) -> None:
-        """Wrap a loaded sequence-classification model and its tokenizer."""
+    def __init__(self, model: Any, tokenizer: Any, encoder: EncoderSettings, temperature: float = 1.0) -> None:
+        """Wrap a loaded sequence-classification model and its tokenizer (logits divided by ``temperature``)."""
         self.model = model
         self.tokenizer = tokenizer
         self.settings = encoder
+        self.temperature = temperature
 
     @classmethod
     def from_base(cls, encoder: EncoderSettings) -> EncoderClassifier:
@@ -97,13 +99,13 @@ class EncoderClassifier:
     @classmethod
     def from_pretrained(cls, model_dir: Path, settings: Settings) -> EncoderClassifier:
         """A fine-tuned encoder saved by :func:`train_encoder`."""
-        read_card(model_dir)
+        card = read_card(model_dir)
         encoder = settings.model.encoder
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForSequenceClassification.from_pretrained(
             str(model_dir), dtype=inference_dtype(encoder.inference_dtype)
         )
-        return cls(model, tokenizer, encoder)
+        return cls(model, tokenizer, encoder, card_temperature(card))
 
     def save(self, out: Path) -> None:
         """Write weights and tokenizer to ``out``."""
@@ -124,7 +126,7 @@ class EncoderClassifier:
         with torch.inference_mode():
             for batch in length_buckets(lengths, self.settings.batch_size, self.settings.min_length_ratio):
                 logits = self.model(**self.encode([texts[i] for i in batch])).logits
-                out[batch] = torch.softmax(logits.float(), dim=-1).numpy()
+                out[batch] = torch.softmax(logits.float() / self.temperature, dim=-1).numpy()
         return out
 
     def predict_labels(self, texts: Sequence[str]) -> list[str]:
@@ -159,8 +161,7 @@ def train_encoder(
     train_seconds = time.perf_counter() - started
     output_dir.mkdir(parents=True, exist_ok=True)
     classifier.save(output_dir)
-    validation = [ex.label for ex in splits.validation]
-    metrics = classification_metrics(validation, classifier.predict_labels([ex.text for ex in splits.validation]))
+    validation, calibration = validation_scores(classifier, splits, settings)
     source = encoder_source(encoder)
     card = {
         "provenance": provenance(command or f"fintune train --profile {settings.profile}"),
@@ -174,12 +175,24 @@ def train_encoder(
         "global_steps": total,
         "train_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "train_seconds": round(train_seconds, 1),
-        "validation": {"sentences": len(validation), "accuracy": metrics["accuracy"],
-                       "macro_f1": metrics["macro_f1"]},
+        "validation": validation,
+        "calibration": calibration,
         "complete": True,
     }
     write_json(output_dir / CARD_FILE, card)
     return classifier, card
+
+
+def validation_scores(
+    classifier: EncoderClassifier, splits: DataSplits, settings: Settings
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Validation accuracy and macro-F1, and the temperature fitted there when ``inference.calibrate``."""
+    examples = splits.validation
+    source = f"validation of {splits.subset} ({len(examples)} sentences)"
+    probabilities, calibration = validation_probabilities(classifier, examples, settings.model.inference, source)
+    predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
+    metrics = classification_metrics([ex.label for ex in examples], predicted)
+    return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}, calibration
 
 
 def _fit(classifier: EncoderClassifier, train: list[Example], total_steps: int, seed: int) -> list[float]:

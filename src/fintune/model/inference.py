@@ -34,6 +34,7 @@ from fintune import LABELS
 from fintune.config import InferenceSettings, ModelSettings, Settings
 from fintune.errors import ModelError
 from fintune.model.buckets import length_buckets
+from fintune.model.calibration import card_temperature
 from fintune.model.card import read_card
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.quantization import load_base, torch_dtype, upcast_unquantized
@@ -63,9 +64,12 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str] = LABELS) -> list[int]
 class SentimentClassifier:
     """Batched, label-constrained sentiment scoring with a causal LM (+ LoRA adapter)."""
 
-    def __init__(self, model: Any, tokenizer: Any, prompt_template: str, inference: InferenceSettings) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, prompt_template: str, inference: InferenceSettings, temperature: float = 1.0
+    ) -> None:
         """Wrap a loaded model and tokenizer; use :meth:`from_pretrained` to load a trained adapter."""
         self.model = model.eval()
+        self.temperature = temperature
         _drop_training_hooks(model)
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
@@ -98,7 +102,7 @@ class SentimentClassifier:
         if merge:
             model = merge_adapter_in_fp32(model, torch_dtype(inference.dtype))
         tokenizer = load_tokenizer(str(model_dir))
-        return cls(model, tokenizer, model_settings.training.prompt_template, inference)
+        return cls(model, tokenizer, model_settings.training.prompt_template, inference, card_temperature(card))
 
     @property
     def uses_label_head(self) -> bool:
@@ -133,8 +137,10 @@ class SentimentClassifier:
         return [LABELS[int(i)] for i in self.predict_proba(texts).argmax(axis=1)]
 
     def _score(self, sequences: list[list[int]]) -> np.ndarray:
-        """Softmax over the label tokens' logits at the last position of each left-padded sequence."""
-        return torch.softmax(self._label_logits(sequences, self._label_rows), dim=-1).cpu().numpy()
+        """Softmax over the label tokens' logits (divided by the temperature) at the last position of each
+        left-padded sequence."""
+        logits = self._label_logits(sequences, self._label_rows) / self.temperature
+        return torch.softmax(logits, dim=-1).cpu().numpy()
 
     def _label_logits(self, sequences: list[list[int]], label_rows: torch.Tensor | None) -> torch.Tensor:
         """(n, 3) fp32 logits of the label tokens: from the label rows when given, else from the full head."""

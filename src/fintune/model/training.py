@@ -22,9 +22,10 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 from fintune import LABELS
-from fintune.config import Settings, TrainingSettings
+from fintune.config import InferenceSettings, Settings, TrainingSettings
 from fintune.data import DataSplits, Example, load_splits
 from fintune.evaluation import classification_metrics, write_json
+from fintune.model.calibration import validation_probabilities
 from fintune.model.card import CARD_FILE, CHECKPOINT_DIR
 from fintune.model.inference import SentimentClassifier
 from fintune.model.loading import load_tokenizer, resolve_base
@@ -127,7 +128,9 @@ def train(
     plot_loss_curve(trainer.state.log_history, out / "loss_curve.png", title=f"{settings.profile}: training loss")
     classifier = SentimentClassifier(peft_model, tokenizer, model_cfg.training.prompt_template,
                                      model_cfg.inference)
-    validation = score_validation(classifier, splits, model_cfg.training.validation_limit, out)
+    validation, calibration = score_validation(
+        classifier, splits, model_cfg.training.validation_limit, model_cfg.inference, out
+    )
     trainable, total = count_parameters(peft_model)
     card = {
         "provenance": provenance(command or f"fintune train --profile {settings.profile}"),
@@ -147,6 +150,7 @@ def train(
         "train_seconds": round(train_seconds, 1),
         "resumed": resume,
         "validation": validation,
+        "calibration": calibration,
         "complete": True,
     }
     write_json(out / CARD_FILE, card)
@@ -161,15 +165,19 @@ def last_checkpoint(out: Path) -> Path | None:
 
 
 def score_validation(
-    classifier: SentimentClassifier, splits: DataSplits, limit: int | None, out: Path
-) -> dict[str, Any]:
-    """Validation metrics of the freshly trained model; also writes the drift baseline from its predictions."""
+    classifier: SentimentClassifier, splits: DataSplits, limit: int | None, inference: InferenceSettings, out: Path
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Validation metrics of the freshly trained model and, when ``inference.calibrate``, its fitted temperature
+    (set on the classifier); also writes the drift baseline from its predictions."""
     examples = splits.validation[:limit] if limit else splits.validation
-    predicted = classifier.predict_labels([ex.text for ex in examples])
+    source = f"validation of {splits.subset} ({len(examples)} sentences)"
+    probabilities, calibration = validation_probabilities(classifier, examples, inference, source)
+    predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
     metrics = classification_metrics([ex.label for ex in examples], predicted)
     write_json(out / "validation_report.json", metrics)
-    save_drift_baseline(out, predicted, LABELS, source=f"validation of {splits.subset} ({len(examples)} sentences)")
-    return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    save_drift_baseline(out, predicted, LABELS, source=source)
+    scores = {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
+    return scores, calibration
 
 
 def model_card(card: dict[str, Any]) -> str:
@@ -200,8 +208,17 @@ def model_card(card: dict[str, Any]) -> str:
             f"| wall time | {card['train_seconds']} s |",
             f"| validation ({validation['sentences']} sentences) | accuracy {validation['accuracy']}, "
             f"macro-F1 {validation['macro_f1']} |",
+            *_calibration_row(card.get("calibration")),
             "",
             "Load it with `fintune.model.inference.SentimentClassifier.from_pretrained(<this folder>, settings)`.",
             "",
         ]
     )
+
+
+def _calibration_row(calibration: dict[str, Any] | None) -> list[str]:
+    """The model card's calibration row, when a temperature was fitted."""
+    if not calibration:
+        return []
+    return [f"| confidence calibration | temperature {calibration['temperature']:.3f}, validation ECE "
+            f"{calibration['ece_before']} -> {calibration['ece_after']} |"]
