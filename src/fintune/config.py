@@ -146,7 +146,7 @@ class InferenceSettings(Section):
         le=1,
         description="A sentence shorter than this share of its batch's longest starts a new batch (less padding). "
         "On random 16-sentence groups of the 50agree test split (the service's micro-batches), 0.65 scored "
-        "20.5 ms a sentence against 28.0 ms for one padded batch (benchmarks/results/model_inference_cpu.json; "
+        "26.0 ms a sentence against 33.9 ms for one padded batch (benchmarks/results/model_inference_cpu.json; "
         "0: never split).",
     )
     merge_adapter: bool = Field(
@@ -195,8 +195,8 @@ class EncoderSettings(Section):
     inference_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
         description="Weights dtype of a trained encoder when it predicts (training is always fp32). auto: bf16 on "
-        "a GPU with bf16 or a CPU with AVX512-BF16/AMX (2-core AMD EPYC, 50agree test: the same labels, 2.3 against "
-        "6.2 ms a sentence), else fp32.",
+        "a GPU with bf16 or a CPU with AVX512-BF16/AMX (2-core AMD EPYC, 50agree test: the same labels, 2.2-2.6 "
+        "against 6.2 ms a sentence), else fp32.",
     )
 
 
