@@ -4,7 +4,8 @@ Each training sentence becomes ``{"prompt": <template with the sentence>, "compl
 masks the prompt so the loss is on the completion only. Training is seeded, shows progress bars, writes
 resumable checkpoints under ``<out>/checkpoints`` (a re-run resumes from the last one), and leaves in ``<out>``:
 the PEFT adapter and tokenizer, ``README.md`` (model card), ``fintune.json`` (the same as data),
-``loss_curve.png``, ``validation_report.json`` and ``drift_baseline.json``.
+``loss_curve.png``, ``validation_report.json`` and ``drift_baseline.json``. The card also holds the confidence
+temperature fitted on the validation split (:mod:`fintune.model.calibration`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fintune.monitoring.drift import save_drift_baseline
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TrainingResult:
