@@ -28,6 +28,10 @@ PII_CASES = [
     ("PHONE_NUMBER", "CFO mobile +358 40 123 4567 regarding Q3.", "+358 40 123 4567"),
     ("PHONE_NUMBER", "Ring 040 123 4567 in Helsinki.", "040 123 4567"),
     ("PHONE_NUMBER", "Dial +4915123450541 (Luhn-valid, yet a phone).", "+4915123450541"),
+    # separators mis-decoded in the corpus itself (Latin-1 "\u00e1" after each dash), an en dash, no-break spaces
+    ("PHONE_NUMBER", "US callers : +1 617-\u00e1801-\u00e16888 , access code : 2659 .", "+1 617-\u00e1801-\u00e16888"),
+    ("PHONE_NUMBER", "Dial +1 334\u2013323\u20136201 in the USA.", "+1 334\u2013323\u20136201"),
+    ("PHONE_NUMBER", "Hotline +44\u00a020\u00a07946\u00a00958 today.", "+44\u00a020\u00a07946\u00a00958"),
     ("IBAN_CODE", "Transfer EUR 1,200 to DE89 3704 0044 0532 0130 00 by Friday.", "DE89 3704 0044 0532 0130 00"),
     ("IBAN_CODE", "Refund to FI2112345600000785 please.", "FI2112345600000785"),
     ("ACCOUNT_NUMBER", "Wire USD 25,000 to account 0012345678 today.", "0012345678"),

@@ -27,6 +27,9 @@ from presidio_analyzer.predefined_recognizers import (
 _FILLER = r"(?:\s*(?:number|numbers|num|no\.?|nr\.?|\#|:|is|was|of|ending\s+in)\s*){0,3}\s*"
 # A run of digits with optional single separators, ending on a digit.
 _DIGITS = r"\d(?:[ \-.]?\d){{{low},{high}}}"
+# A phone number's group separator: a space, dash or dot, a non-ASCII one (en dash, no-break space), or a dash
+# followed by a stray non-ASCII character, which is how a mis-decoded separator reads ("+1 617-\u00e1801-\u00e16888").
+_PHONE_SEP = r"(?:[ \-.][^\x00-\x7F]?|[^\x00-\x7F\w])"
 
 
 def _after(words: str, value: str) -> str:
@@ -131,14 +134,14 @@ class ContextSsnRecognizer(DeclarativeRecognizer):
 
 
 class ExtraPhoneRecognizer(DeclarativeRecognizer):
-    """Phone formats python-phonenumbers misses: dotted groups, +CC numbers with odd grouping, and any
-    7-15 digit number right after a phone word."""
+    """Phone formats python-phonenumbers misses: dotted groups, +CC numbers with odd grouping or non-ASCII
+    (or mis-decoded) separators, and any 7-15 digit number right after a phone word."""
 
     ENTITY = "PHONE_NUMBER"
     PATTERNS = [
         Pattern(
             "international +CC",
-            r"(?<![\w+])\+\d{1,3}(?:[ \-.]?\(?0?\d{1,4}\)?)(?:[ \-.]?\d{2,5}){1,4}(?![\w])",
+            rf"(?<![\w+])\+\d{{1,3}}(?:{_PHONE_SEP}?\(?0?\d{{1,4}}\)?)(?:{_PHONE_SEP}?\d{{2,5}}){{1,4}}(?![\w])",
             0.6,
         ),
         Pattern("dotted 3.3.4", r"(?<![\w.])\(?\d{3}\)?\.\d{3}\.\d{4}(?![\w]|\.\d)", 0.6),
