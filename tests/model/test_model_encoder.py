@@ -57,3 +57,14 @@ def test_encoder_runs_without_bitsandbytes_peft_or_trl(tiny_data_dir: Path, tmp_
     assert result["bf16_gap"] < 0.05  # the bf16 fast path scores like the fp32 model it was trained as
     fitted, applied = result["temperatures"]
     assert fitted == applied and fitted != 1.0  # fitted on validation after training, applied when loaded
+
+
+def test_the_encoder_path_loads_none_of_the_qlora_stack_even_where_it_is_installed() -> None:
+    code = (
+        "import json, sys\n"
+        "import fintune.model.encoder, fintune.model.assessment\n"
+        "print(json.dumps([m for m in ('bitsandbytes', 'peft', 'trl') if m in sys.modules]))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == []

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fintune import LABELS
 from fintune.config import EncoderSettings, Settings
@@ -195,11 +195,25 @@ def validation_scores(
     return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}, calibration
 
 
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The rate rises linearly for ``warmup`` steps, then falls linearly to 0 at ``total`` (the BERT schedule).
+
+    Written here rather than taken from ``transformers.optimization``, which imports peft and with it
+    bitsandbytes whenever they are installed: this module must never load them."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def _fit(classifier: EncoderClassifier, train: list[Example], total_steps: int, seed: int) -> list[float]:
     """AdamW with linear decay for ``total_steps`` steps; returns the loss of every step."""
     model, encoder = classifier.model, classifier.settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=encoder.learning_rate)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * total_steps), total_steps)
+    schedule = linear_warmup_decay(optimizer, int(0.06 * total_steps), total_steps)
     label_ids = {label: i for i, label in enumerate(LABELS)}
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
