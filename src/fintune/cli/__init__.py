@@ -26,6 +26,7 @@ __all__ = ["app", "main"]
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a :class:`FinTuneError` becomes one red line on stderr and its exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)  # at INFO it lists each recognizer twice
     try:
         result = app(args=argv, prog_name="fintune", standalone_mode=False)
     except FinTuneError as exc:
