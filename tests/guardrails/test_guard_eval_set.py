@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import phonenumbers
 import pytest
@@ -26,7 +27,7 @@ def test_generated_values_are_valid_for_their_type() -> None:
         assert int("".join(str(int(c, 36)) for c in compact[4:] + compact[:4])) % 97 == 1
         phone, fmt = ev.phone(rng)
         region = fmt.split("/")[0]
-        number = phonenumbers.parse(phone.replace(".", " ") if phone.startswith("+") else phone, region)
+        number = phonenumbers.parse(re.sub(r"[^\d+()]+", " ", phone), region)  # any separator read as a space
         assert phonenumbers.is_valid_number(number), (phone, fmt)
 
 
@@ -37,7 +38,9 @@ def test_formats_cover_the_issue_list() -> None:
     assert {"area_000", "area_666", "area_9xx", "sample"} <= {f.split("/")[0] for f in formats["US_SSN"]}
     assert {"visa", "mastercard", "amex", "discover"} <= {f.split("/")[0] for f in formats["CREDIT_CARD"]}
     assert {"US", "GB", "DE", "FI"} == {f.split("/")[0] for f in formats["PHONE_NUMBER"]}
-    assert {"dotted", "international", "national", "e164"} <= {f.split("/")[1] for f in formats["PHONE_NUMBER"]}
+    assert {"dotted", "international", "national", "e164", "intl_en_dash", "intl_nbsp", "intl_misdecoded"} <= {
+        f.split("/")[1] for f in formats["PHONE_NUMBER"]
+    }
     assert {"plus/subdomain", "plain/domain"} <= formats["EMAIL_ADDRESS"]
     assert {"spaced", "unspaced"} == {f.split("/")[1] for f in formats["IBAN_CODE"]}
 

@@ -4,7 +4,8 @@ The set is generated, never downloaded: per entity type, sentence templates (spl
 templates, used while writing the recognizers, and held-out *evaluation* templates, used for the reported
 figures) are filled with values in many formats (SSNs with dashes, spaces or none and "invalid" areas; Luhn-valid
 Visa / Mastercard / Amex / Discover in several groupings; emails with plus-addressing and subdomains; valid US,
-UK, German and Finnish phone numbers in national, international, E.164 and dotted forms; IBANs with valid check
+UK, German and Finnish phone numbers in national, international, E.164 and dotted forms, and international ones
+whose separators are an en dash, a no-break space or a mis-decoded dash (as in the PhraseBank); IBANs with valid check
 digits, spaced and unspaced; account and routing numbers after context words).
 
 Measured per sentence: *recall* (every character of the value lies in a detected span of an accepted type),
@@ -141,11 +142,16 @@ def _valid_number(region: str, rng: random.Random) -> phonenumbers.PhoneNumber:
     return example
 
 
+# Separators that text extraction leaves in numbers: an en dash, a no-break space, and a dash followed by the
+# stray character of a mis-decoded one (the PhraseBank holds "+1 617-\u00e1801-\u00e16888").
+_UNICODE_SEPARATORS = {"en_dash": "\u2013", "nbsp": "\u00a0", "misdecoded": "-\u00e1"}
+
+
 def phone(rng: random.Random) -> tuple[str, str]:
-    """A valid US, UK, German or Finnish number in national, international, E.164 or dotted form."""
+    """A valid US, UK, German or Finnish number: national, international, E.164, dotted or non-ASCII separated."""
     region = rng.choice(["US", "GB", "DE", "FI"])
     number = _valid_number(region, rng)
-    style = rng.choice(["national", "international", "e164", "dotted", "intl_dotted"])
+    style = rng.choice(["national", "international", "e164", "dotted", "intl_dotted", "intl_unicode"])
     if style in ("national", "international", "e164"):
         fmt = {"national": PhoneNumberFormat.NATIONAL, "international": PhoneNumberFormat.INTERNATIONAL,
                "e164": PhoneNumberFormat.E164}[style]
@@ -155,7 +161,10 @@ def phone(rng: random.Random) -> tuple[str, str]:
     if style == "dotted":
         return ".".join(groups), f"{region}/dotted"
     intl = re.findall(r"\d+", phonenumbers.format_number(number, PhoneNumberFormat.INTERNATIONAL))
-    return "+" + ".".join(intl), f"{region}/intl_dotted"
+    if style == "intl_dotted":
+        return "+" + ".".join(intl), f"{region}/intl_dotted"
+    name, separator = rng.choice(sorted(_UNICODE_SEPARATORS.items()))
+    return f"+{intl[0]} " + separator.join(intl[1:]), f"{region}/intl_{name}"
 
 
 _IBAN_LAYOUT = {"DE": "n18", "FI": "n14", "GB": "a4n14", "NL": "a4n10", "FR": "n10a11n2", "SE": "n20"}
