@@ -228,7 +228,7 @@ def _fit(classifier: EncoderClassifier, train: list[Example], total_steps: int, 
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if len(losses) >= total_steps:
