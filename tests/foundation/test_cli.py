@@ -66,6 +66,22 @@ def test_bad_input_is_one_line_and_exit_2(capfd: pytest.CaptureFixture[str], mon
     assert err.startswith("error:")
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--epochs", "3"], "No such option"),
+        (["evaluate"], "Missing option"),
+        (["train", "--max-steps", "many"], "Invalid value"),
+        (["nosuchcommand"], "No such command"),
+    ],
+)
+def test_usage_errors_are_typer_messages_not_tracebacks(capfd: pytest.CaptureFixture[str], args: list[str],
+                                                        message: str) -> None:
+    code, _, err = run_cli(capfd, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
 def test_malformed_line_through_the_installed_command(tmp_path: Path) -> None:
     (tmp_path / "Sentences_50Agree.txt").write_text("Profit rose .@positive\nthis line has no label\n")
     result = subprocess.run(

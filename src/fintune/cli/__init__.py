@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 
-import click
-
 from fintune.cli._app import app, err_console
 from fintune.errors import FinTuneError
 
@@ -24,23 +22,28 @@ __all__ = ["app", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; a :class:`FinTuneError` becomes one red line on stderr and its exit code."""
+    """Run the CLI; a :class:`FinTuneError` becomes one red line on stderr and its exit code.
+
+    Usage errors (unknown option, missing or invalid value), ``--help`` and Ctrl-C are typer's own business
+    (standalone mode): recent typer releases carry their own copy of click, whose exceptions are not click's.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)  # at INFO it lists each recognizer twice
     try:
-        result = app(args=argv, prog_name="fintune", standalone_mode=False)
+        app(args=argv, prog_name="fintune", standalone_mode=True)
     except FinTuneError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return _exit(exc.exit_code, argv)
-    except click.exceptions.Abort:
-        err_console.print("[bold red]aborted[/]")
-        return _exit(130, argv)
-    except click.ClickException as exc:
-        exc.show()
-        return _exit(exc.exit_code, argv)
-    except click.exceptions.Exit as exc:
-        return _exit(exc.exit_code, argv)
-    return _exit(result if isinstance(result, int) else 0, argv)
+    except SystemExit as exc:  # standalone mode always ends here: 0 after a command, 2 after a usage error
+        return _exit(_exit_code(exc.code), argv)
+    return _exit(0, argv)
+
+
+def _exit_code(code: object) -> int:
+    """The status a ``SystemExit`` carries: None is success, a message (not a number) failure."""
+    if code is None:
+        return 0
+    return code if isinstance(code, int) else 1
 
 
 def _exit(code: int, argv: list[str] | None) -> int:
