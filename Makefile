@@ -33,7 +33,7 @@ run: install ## The main job: data check, baselines, fine-tune (once), evaluate,
 	$(BIN)/fintune baselines --subset $(SUBSET)
 	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --output-dir $(MODEL) --skip-if-trained
 	$(BIN)/fintune evaluate --profile $(PROFILE) --model $(MODEL) --subset $(SUBSET)
-	FINTUNE_SERVING__MODEL_DIR=$(MODEL) $(BIN)/fintune serve --profile $(PROFILE)
+	$(BIN)/fintune serve --profile $(PROFILE) --model $(MODEL)
 
 test: install ## The whole test suite
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest

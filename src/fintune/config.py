@@ -438,8 +438,9 @@ class ServingSettings(Section):
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads its own model).")
     model_dir: Path | None = Field(
         None,
-        description="Trained adapter folder to serve (holds fintune.json). None: <output_dir>/models/<profile>; "
-        "when that holds no adapter the profile's base model is served untuned (plumbing only).",
+        description="Trained adapter folder to serve (holds fintune.json; `--model` of serve and classify). None: "
+        "<output_dir>/models/<profile>; when that holds no adapter the profile's base model is served untuned "
+        "(plumbing only). A folder named here without fintune.json is an error, never an untrained stand-in.",
     )
     api_key: SecretStr | None = Field(
         None,

@@ -58,3 +58,29 @@ def test_serve_prints_a_working_curl() -> None:
     curl = example_curl("http://127.0.0.1:8000", load_settings("tiny-mistral"))
     assert curl.startswith("curl -s -X POST http://127.0.0.1:8000/v1/classify")
     assert json.loads(curl.split("-d '", 1)[1].rstrip("'"))["text"]
+
+
+def test_a_model_folder_without_a_trained_model_is_refused(
+    offline_env: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from fintune.errors import ArtifactError
+    from fintune.serving.model_adapter import load_classifier
+
+    assert main(["classify", "--model", str(tmp_path / "typo"), "Sales rose 5 %."]) == 2
+    assert "holds no trained model" in capfd.readouterr().err
+    settings = load_settings("tiny-mistral")
+    named = settings.model_copy(update={"serving": settings.serving.model_copy(update={"model_dir": tmp_path})})
+    with pytest.raises(ArtifactError, match="never|no trained model"):  # the service: degraded, not untrained
+        load_classifier(named)
+
+
+@pytest.mark.slow
+def test_classify_serves_the_model_folder_it_is_given(
+    offline_env: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "trained-encoder"
+    assert main(["train", "--profile", "encoder", "--output-dir", str(folder), "--max-steps", "1"]) == 0
+    capfd.readouterr()
+    assert main(["classify", "--profile", "encoder", "--model", str(folder), "Sales rose 5 %."]) == 0
+    record = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert record["model"]["version"] == f"trained:{folder}" and record["degraded"] is False

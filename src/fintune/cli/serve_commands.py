@@ -26,11 +26,30 @@ from fintune.errors import InvalidInputError
 ProfileOption = Annotated[
     str | None, typer.Option("--profile", "-p", help="Profile name in configs/ (default: FINTUNE_PROFILE or 'cpu').")
 ]
+ServedModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model", "-m",
+        help="A folder written by `fintune train` (default: serving.model_dir, else outputs/models/<profile>).",
+    ),
+]
+
+
+def settings_with_model(profile: str | None, model: Path | None) -> Settings:
+    """The profile's settings, serving ``model`` when given (it must hold a trained model)."""
+    from fintune.model.card import read_card
+
+    settings = load_settings(profile)
+    if model is None:
+        return settings
+    read_card(model)  # ArtifactError, with what to do, before anything slow starts
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update={"model_dir": model})})
 
 
 @app.command("serve")
 def serve_command(
     profile: ProfileOption = None,
+    model: ServedModelOption = None,
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: serving.host, 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default: serving.port, 8000).")] = None,
     workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (default: serving.workers).")] = None,
@@ -38,10 +57,12 @@ def serve_command(
     """Start the HTTP service (OpenAPI at /docs); Ctrl-C or SIGTERM finishes in-flight requests first."""
     import uvicorn
 
-    settings = load_settings(profile)
+    settings = settings_with_model(profile, model)
     s = settings.serving
     host, port, workers = host or s.host, port if port is not None else s.port, workers or s.workers
     os.environ["FINTUNE_PROFILE"] = settings.profile  # each worker builds its app from the same profile
+    if model is not None:
+        os.environ["FINTUNE_SERVING__MODEL_DIR"] = str(model.resolve())  # ... and serves the same folder
     url = f"http://{host}:{port}"
     console.print(f"FinTune service, profile {settings.profile!r}: {url} (docs: {url}/docs)", highlight=False)
     console.print(example_curl(url, settings), highlight=False, soft_wrap=True)
@@ -78,13 +99,14 @@ def classify_command(
     ] = None,
     text_column: Annotated[str, typer.Option(help="Column / key holding the text in .csv and .jsonl.")] = "text",
     profile: ProfileOption = None,
+    model: ServedModelOption = None,
 ) -> None:
     """Classify offline through the service's pipeline (guard, breaker, model, checks), writing JSONL."""
     from fintune.serving.service import offline_pipeline, outcome_record
 
     if (text is None) == (input_file is None):
         raise InvalidInputError("give either a TEXT argument or --input FILE, not both or neither")
-    settings = load_settings(profile)
+    settings = settings_with_model(profile, model)
     rows = [("1", text)] if text is not None else list(read_texts(input_file, text_column))  # type: ignore[arg-type]
     pipeline = offline_pipeline(settings)
     size = settings.serving.micro_batch_size

@@ -132,7 +132,8 @@ def load_classifier(settings: Settings) -> BatchClassifier:
 
     A trained folder (``fintune.json``) is loaded as its card says (QLoRA adapter or encoder). Without one the
     untrained model is served, for plumbing and load tests only: the QLoRA profile's base, label-constrained
-    (random for tiny-mistral, zero-shot for SmolLM2), or the encoder with a fresh head.
+    (random for tiny-mistral, zero-shot for SmolLM2), or the encoder with a fresh head; but an explicit
+    ``serving.model_dir`` without one is an :class:`ArtifactError` (a mistyped path must not serve noise).
     """
     from fintune.model.card import CARD_FILE
 
@@ -142,6 +143,11 @@ def load_classifier(settings: Settings) -> BatchClassifier:
         from fintune.model.assessment import load_classifier as load_trained
 
         return ProbaClassifierAdapter(load_trained(folder, settings), name, settings.profile, f"trained:{folder}")
+    if settings.serving.model_dir is not None:  # asked for by name: never stand in an untrained model
+        raise ArtifactError(
+            f"serving.model_dir {folder} holds no trained model ({CARD_FILE} missing): point it at a folder "
+            "written by `fintune train`, or unset it to serve the profile's default folder"
+        )
     logger.warning("no trained model in %s: serving the untrained %s model of profile %r (run `fintune train`)",
                    folder, settings.model.backend, settings.profile)
     if settings.model.backend == "encoder":
