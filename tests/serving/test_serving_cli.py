@@ -47,11 +47,16 @@ def test_input_formats_and_their_errors(tmp_path: Path, capfd: pytest.CaptureFix
     (tmp_path / "a.csv").write_text('id,text\nx1,"Profit fell, again."\n', encoding="utf-8")
     assert list(read_texts(tmp_path / "a.txt")) == [("1", "Profit fell."), ("3", "Sales rose.")]
     assert list(read_texts(tmp_path / "a.csv")) == [("x1", "Profit fell, again.")]
+    (tmp_path / "bom.csv").write_bytes("\ufefftext,id\nProfit fell.,r1\n".encode())  # as spreadsheets save it
+    assert list(read_texts(tmp_path / "bom.csv")) == [("r1", "Profit fell.")]
+    (tmp_path / "latin1.txt").write_bytes("Profit fell.\nNet sales rose in K\xf6ln.\n".encode("latin-1"))
+    assert main(["classify", "--input", str(tmp_path / "latin1.txt")]) == 2
     (tmp_path / "a.xml").write_text("<x/>", encoding="utf-8")
     assert main(["classify", "--input", str(tmp_path / "a.xml")]) == 2
     assert main(["classify"]) == 2
     err = capfd.readouterr().err
     assert "use .txt, .csv or .jsonl" in err and "either a TEXT argument or --input" in err
+    assert "latin1.txt:2 is not UTF-8 text" in err and "Traceback" not in err
 
 
 def test_serve_prints_a_working_curl() -> None:

@@ -8,6 +8,7 @@ and writes one JSON line per text, with a progress bar on stderr. Records carry 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -127,7 +128,7 @@ def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
     if not path.is_file():
         raise InvalidInputError(f"input file {path} does not exist")
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as handle:
+    with io.StringIO(_utf8_text(path), newline="") as handle:
         if suffix == ".txt":
             yield from ((str(n), line.rstrip("\r\n")) for n, line in enumerate(handle, 1) if line.strip())
         elif suffix == ".csv":
@@ -139,6 +140,17 @@ def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
                     yield _jsonl_row(line, column, path, n)
         else:
             raise InvalidInputError(f"{path}: unknown input format {suffix!r}; use .txt, .csv or .jsonl")
+
+
+def _utf8_text(path: Path) -> str:
+    """The whole file as text (a leading byte-order mark, as spreadsheets write, dropped); InvalidInputError naming
+    the first line that is not UTF-8, never its content."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise InvalidInputError(f"{path}:{line} is not UTF-8 text; save the file as UTF-8") from None
 
 
 def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
