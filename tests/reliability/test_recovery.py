@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fintune.config import RecoverySettings, ReliabilitySettings
-from fintune.errors import CircuitOpenError
+from fintune.errors import CircuitOpenError, RecoveryError
 from fintune.reliability import BreakerState, CircuitBreaker, RecoveryManager, RecoveryOutcome, is_out_of_memory
 
 IMPOSSIBLE_BYTES = 1 << 60  # no machine has an exabyte: allocating it fails at once, without using memory
@@ -213,3 +213,65 @@ def test_absolute_latency_limit_without_baseline() -> None:
     assert recovery.check_latency([0.5] * 30) is None  # window not full: no baseline learned yet
     outcome = recovery.check_latency([2.0] * 30)
     assert outcome is not None and outcome.details["baseline_p95_s"] is None
+
+
+def test_the_old_model_is_gone_before_the_reload_after_out_of_memory() -> None:
+    import weakref
+
+    alive_at_reload: list[bool] = []
+    old = weakref.ref(first := GreedyModel())
+
+    def loader() -> object:
+        alive_at_reload.append(old() is not None)
+        return GoodModel()
+
+    recovery = RecoveryManager(loader, RecoverySettings(), model=first, sleep=lambda s: None)
+    del first
+    with pytest.raises(MemoryError):
+        recovery.call(lambda m: m.predict("x"))  # this lambda's frame holds the model when the error is raised
+    assert alive_at_reload == [False]
+
+
+def test_a_failed_reload_is_not_repeated_for_calls_that_failed_on_the_same_model() -> None:
+    loader = Loader(MemoryError)
+    recovery, _ = manager(loader, oom_max_attempts=3)
+    outcomes = [recovery.handle_oom(MemoryError(), generation=0) for _ in range(4)]  # four calls on generation 0
+    assert loader.loads == 3  # one reload of three attempts, not four
+    assert [o.details.get("already_reloaded", False) for o in outcomes] == [False, True, True, True]
+    assert not any(o.succeeded for o in outcomes)
+
+
+def test_without_a_breaker_a_failed_reload_is_retried_once_per_backoff_cap() -> None:
+    clock = ManualClock()
+    loader = Loader(MemoryError, MemoryError, GoodModel())
+    recovery = RecoveryManager(loader, RecoverySettings(oom_max_attempts=1, oom_backoff_max_s=30.0),
+                               sleep=lambda s: None, clock=clock)
+    for _ in range(2):
+        with pytest.raises(RecoveryError):
+            recovery.call(lambda m: m.predict("x"))
+    assert loader.loads == 1  # the second request did not reload again
+    clock.now += 30.0
+    with pytest.raises(RecoveryError):
+        recovery.call(lambda m: m.predict("x"))
+    clock.now += 30.0
+    assert recovery.call(lambda m: m.predict("x")) == "positive" and loader.loads == 3
+
+
+def test_the_trial_after_a_failed_reload_loads_before_the_slow_call_clock_starts() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker.from_settings(ReliabilitySettings(slow_call_limit_s=2.0, recovery_timeout_s=30.0),
+                                           clock=clock)
+
+    class SlowLoader(Loader):
+        def __call__(self) -> object:
+            clock.now += 10.0  # loading weights takes far longer than the slow-call limit
+            return super().__call__()
+
+    loader = SlowLoader(MemoryError, GoodModel())
+    recovery = RecoveryManager(loader, RecoverySettings(oom_max_attempts=1), breaker=breaker,
+                               sleep=lambda s: None, clock=clock)
+    with pytest.raises(CircuitOpenError):  # the first load fails and trips the breaker
+        recovery.call(lambda m: m.predict("x"))
+    clock.now += 31.0
+    assert recovery.call(lambda m: m.predict("x")) == "positive"  # the HALF_OPEN trial
+    assert breaker.state is BreakerState.CLOSED

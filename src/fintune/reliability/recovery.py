@@ -10,7 +10,10 @@ events without a human:
   up to ``oom_max_attempts`` times (default 3), waiting ``oom_backoff_s`` (1 s) before the second attempt and
   ``oom_backoff_factor`` (2x) longer before each later one, capped at ``oom_backoff_max_s`` (30 s). When every
   attempt fails it trips the circuit breaker (so requests are rejected fast instead of reaching a dead model)
-  and reports the failure. Concurrent OOMs from several threads trigger one reload.
+  and reports the failure. Concurrent OOMs from several threads trigger one reload, successful or not. The
+  failing call's frames are cleared first, so the old model is really gone before the new one loads. After a
+  failed reload the next attempt comes with the breaker's HALF_OPEN trial (loaded before the trial call, so
+  loading time never counts as a slow call), or, without a breaker, at most once per ``oom_backoff_max_s``.
 * **Latency spike** — :meth:`RecoveryManager.check_latency` takes the recent latencies; once at least
   ``latency_min_samples`` are there, a p95 above ``latency_spike_p95_s`` (2 s) or above
   ``latency_spike_multiple`` (3x) the baseline p95 (``latency_baseline_p95_s``, or learned from the first full
@@ -26,12 +29,14 @@ the ``on_outcome`` listeners. Sleeping and the clock are injectable so tests nev
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +46,7 @@ import numpy as np
 
 from fintune.config import RecoverySettings
 from fintune.errors import RecoveryError
-from fintune.reliability.breaker import CircuitBreaker
+from fintune.reliability.breaker import BreakerState, CircuitBreaker
 
 __all__ = ["RecoveryManager", "RecoveryOutcome", "free_memory", "is_out_of_memory"]
 
@@ -121,7 +126,8 @@ class RecoveryManager(Generic[M]):
         self.clock = clock
         self.history: deque[RecoveryOutcome] = deque(maxlen=HISTORY_SIZE)
         self._model: M | None = model
-        self._generation = 0
+        self._generation = 0  # bumped by every reload, failed or not
+        self._failed_at: float | None = None  # when the last reload failed (None: it succeeded)
         self._reload_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._drift_hooks: list[Callable[[Any], None]] = []
@@ -132,14 +138,21 @@ class RecoveryManager(Generic[M]):
     # ---- the model ----------------------------------------------------------------------------------------
     @property
     def model(self) -> M:
-        """The live model, loaded on first use; RecoveryError when the last reload failed."""
-        if self._model is None:
+        """The live model, loaded on first use; RecoveryError when the last reload failed and no retry is due."""
+        if self._model is None and self._retry_due():
+            generation = self._generation
             with self._reload_lock:
-                if self._model is None:  # another thread may have loaded it meanwhile
+                if self._model is None and generation == self._generation:  # nobody tried meanwhile
                     self._reload("load after a failed reload" if self.history else "initial load", event="reload")
         if self._model is None:
             raise RecoveryError("the model is not loaded: the last reload failed; see the recovery log")
         return self._model
+
+    def _retry_due(self) -> bool:
+        """Whether a missing model may be loaded now: the breaker gates retries; without one, one per backoff cap."""
+        if self._failed_at is None or self.breaker is not None:
+            return True
+        return self.clock() - self._failed_at >= self.settings.oom_backoff_max_s
 
     def call(self, fn: Callable[[M], R]) -> R:
         """Run ``fn(model)`` (through the breaker when there is one); on OOM recover, then re-raise.
@@ -156,10 +169,20 @@ class RecoveryManager(Generic[M]):
             except BaseException as exc:
                 if is_out_of_memory(exc):
                     del model
+                    traceback.clear_frames(exc.__traceback__)  # fn's frames still hold the old model
                     self.handle_oom(exc, generation)
                 raise
 
-        return run() if self.breaker is None else self.breaker.call(run)
+        if self.breaker is None:
+            return run()
+        if self._model is None and self.breaker.state is not BreakerState.OPEN:
+            self._load_quietly()  # outside the breaker: loading is not the (possibly slow-limited) trial call
+        return self.breaker.call(run)
+
+    def _load_quietly(self) -> None:
+        """Load a missing model; a failure is already reported and has tripped the breaker."""
+        with contextlib.suppress(RecoveryError):
+            self.model  # noqa: B018
 
     def handle_oom(self, exc: BaseException, generation: int | None = None) -> RecoveryOutcome:
         """Free memory and reload the model with backoff; trip the breaker when every attempt fails.
@@ -169,7 +192,8 @@ class RecoveryManager(Generic[M]):
         """
         with self._reload_lock:
             if generation is not None and generation != self._generation:
-                return self._report(RecoveryOutcome("out_of_memory", True, details={"already_reloaded": True}))
+                handled = RecoveryOutcome("out_of_memory", self._model is not None, details={"already_reloaded": True})
+                return self._report(handled)
             log.warning("out of memory (%s): freeing memory and reloading the model", type(exc).__name__)
             return self._reload(f"out of memory: {type(exc).__name__}", event="out_of_memory")
 
@@ -198,8 +222,11 @@ class RecoveryManager(Generic[M]):
                 free_memory()
                 continue
             self._generation += 1
+            self._failed_at = None
             details = {"reason": reason, "freed": freed, "generation": self._generation}
             return self._report(RecoveryOutcome(event, True, attempts, self.clock() - start, None, details))
+        self._generation += 1  # threads that failed on the old model must not reload again
+        self._failed_at = self.clock()
         if self.breaker is not None:
             self.breaker.trip(f"model reload failed {attempts} time(s)")
         details = {"reason": reason, "freed": freed, "breaker_tripped": self.breaker is not None}
