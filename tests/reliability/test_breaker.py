@@ -279,3 +279,34 @@ def test_trip_and_reset_by_hand() -> None:
     breaker.reset()
     assert breaker.state is BreakerState.CLOSED
     assert breaker.call(lambda: 1) == 1
+
+
+def test_listeners_hear_transitions_in_order_when_threads_race() -> None:
+    """A later transition queued by another thread waits until the earlier one reached every listener."""
+    clock = ManualClock()
+    breaker = make(clock, failure_threshold=1)
+    resetter: list[threading.Thread] = []
+    last_seen: list[BreakerState] = []
+
+    def slow_alert(transition: Transition) -> None:  # first listener: an operator resets while it pages
+        if transition.new is BreakerState.OPEN and not resetter:
+            resetter.append(threading.Thread(target=breaker.reset))
+            resetter[0].start()
+            resetter[0].join(timeout=0.3)  # without ordered delivery the reset is heard by everyone here
+
+    breaker.add_listener(slow_alert)
+    breaker.add_listener(lambda t: last_seen.append(t.new))  # keeps the latest state, like the monitor
+    fail_times(breaker, FlakyModel(failures=1), 1)
+    resetter[0].join(timeout=5)
+    assert breaker.state is BreakerState.CLOSED
+    assert last_seen == [BreakerState.OPEN, BreakerState.CLOSED]
+
+
+def test_an_open_storage_without_an_opening_time_still_times_out() -> None:
+    from fintune.reliability.breaker import BreakerStorage
+
+    clock = ManualClock()
+    breaker = CircuitBreaker(recovery_timeout_s=30, clock=clock, storage=BreakerStorage(state=BreakerState.OPEN))
+    assert breaker.retry_after_s() == 30
+    clock.advance(31)
+    assert breaker.state is BreakerState.HALF_OPEN

@@ -228,8 +228,11 @@ class CircuitBreaker:
         self.ignored = ignored
         self.clock = clock
         self.storage = storage or BreakerStorage()
+        if self.storage.state is BreakerState.OPEN and self.storage.opened_at is None:
+            self.storage.opened_at = clock()  # an OPEN storage without a time would never time out
         self._listeners: list[Listener] = list(listeners)
         self._lock = threading.Lock()
+        self._delivery_lock = threading.RLock()  # one delivery at a time: listeners hear transitions in order
         self._pending: list[Transition] = []
 
     @classmethod
@@ -411,11 +414,20 @@ class CircuitBreaker:
         raise CircuitOpenError(self.name, self.storage.state.value, retry)
 
     def _notify(self) -> None:
-        """Tell listeners about queued transitions (lock NOT held); a listener that raises is logged."""
+        """Tell listeners about queued transitions, in order (state lock NOT held); a listener that raises is logged.
+
+        Deliveries are serialised: a thread that queued a later transition waits until an earlier one has been
+        heard by every listener, so a listener that keeps the latest state (the monitor) ends on the true one.
+        """
         if not self._pending:
             return
-        with self._lock:
-            events, self._pending = self._pending, []
+        with self._delivery_lock:
+            with self._lock:
+                events, self._pending = self._pending, []
+            self._deliver(events)
+
+    def _deliver(self, events: list[Transition]) -> None:
+        """Log each transition and hand it to every listener."""
         for event in events:
             log.warning("circuit breaker %r: %s -> %s (%s)", event.breaker, event.old.value, event.new.value,
                         event.reason)
