@@ -15,6 +15,7 @@ from serving_helpers import PII_TEXT, PII_VALUES, KeywordClassifier, make_client
 
 from fintune.config import Settings
 from fintune.guardrails import PIIGuard
+from fintune.serving.model_adapter import Prediction
 
 
 def _no_pii(payload: object) -> None:
@@ -67,6 +68,48 @@ def test_analyze_splits_classifies_and_aggregates_redacted(client: TestClient) -
     assert aggregate["score"] == pytest.approx(0.2) and aggregate["label"] == "positive"
     assert aggregate["most_negative"]["text"] == "Operating profit fell in Q3."
     assert "<EMAIL_ADDRESS>" in body["results"][2]["text"]
+
+
+class BullishOnProfit(KeywordClassifier):
+    """Answers a label outside the three for sentences about profit (the output check's invalid_label)."""
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        return [Prediction("bullish", 0.9, {"bullish": 0.9}) if "profit" in t.lower() else p
+                for t, p in zip(texts, super().classify(texts), strict=True)]
+
+
+def test_analyze_reports_failed_sentences_and_fails_when_none_is_classified(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    with make_client(serving_settings, guard, classifier=BullishOnProfit()) as client:
+        wait_ready(client)
+        mixed = client.post("/v1/analyze", json={"text": "Net sales rose. Operating profit fell. Costs fell."})
+        none = client.post("/v1/analyze", json={"text": "Operating profit fell. Profit rose."})
+    assert mixed.status_code == 200
+    body = mixed.json()
+    assert [r["index"] for r in body["results"]] == [0, 2] and body["aggregate"]["sentences"] == 2
+    assert [(f["index"], f["error"]["code"]) for f in body["failed"]] == [(1, "invalid_label")]
+    assert none.status_code == 502 and none.json()["error"]["code"] == "invalid_label"  # not 200 "neutral"
+
+
+def test_analyze_rejects_bad_characters_with_their_position_in_the_document(client: TestClient) -> None:
+    surrogate = client.post("/v1/analyze", content=b'{"text": "Sales rose. Profit \\ud800 fell."}',
+                            headers={"content-type": "application/json"})
+    control = client.post("/v1/analyze", json={"text": "Sales rose. Profit\u000bfell."})
+    assert surrogate.status_code == 422 and "lone surrogate U+D800 at 19" in surrogate.json()["error"]["message"]
+    assert control.status_code == 422 and "position 18" in control.json()["error"]["message"]
+
+
+def test_analyze_cuts_an_over_long_sentence_outside_its_pii(serving_settings: Settings, guard: PIIGuard) -> None:
+    model = KeywordClassifier()
+    sentence = "x" * 1980 + " mail john.doe@example.com now about sales that rose"
+    with make_client(serving_settings, guard, classifier=model) as client:
+        wait_ready(client)
+        response = client.post("/v1/analyze", json={"text": sentence})
+    assert response.status_code == 200
+    [seen] = model.seen
+    assert len(seen) <= serving_settings.serving.max_text_chars and "john.doe" not in seen and "examp" not in seen
+    assert "john.doe" not in response.text
 
 
 BAD_INPUTS = [
@@ -193,3 +236,21 @@ def test_metrics_in_prometheus_and_json(client: TestClient) -> None:
     assert snapshot["request_id"]
     stages = snapshot["serving"]["stage_seconds"]
     assert stages["texts"] == 1 and stages["guard_s"] > 0 and 0 < stages["guard_share"] < 1
+
+
+@pytest.mark.parametrize(
+    ("spans", "expected"),
+    [
+        ([], "aaaa bbbb"),  # the last whitespace before the limit
+        ([(5, 14)], "aaaa"),  # a span across the limit moves the cut before it
+        ([(7, 9), (8, 14)], "aaaa"),  # overlapping spans: before both
+    ],
+)
+def test_cut_sentence_never_splits_a_span(spans: list[tuple[int, int]], expected: str) -> None:
+    from types import SimpleNamespace
+
+    from fintune.serving.documents import cut_sentence
+
+    found = [SimpleNamespace(start=a, end=b) for a, b in spans]
+    assert cut_sentence("aaaa bbbb cccc dddd", 12, found) == expected
+    assert cut_sentence("short", 12, found) == "short"

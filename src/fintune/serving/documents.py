@@ -2,7 +2,8 @@
 
 The splitter is a blank English spaCy pipeline with the ``sentencizer`` component: no model download, and its
 tokenizer keeps numbers such as ``EUR 13.1 mn``, e-mail addresses and URLs whole, so a split never cuts a PII
-value in two before the guard sees it. Line breaks between paragraphs also end a sentence.
+value in two before the guard sees it. Line breaks between paragraphs also end a sentence. A sentence over the
+per-text limit is cut outside every PII span the guard finds in it (:func:`cut_sentence`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def check_document(document: str, max_chars: int, max_sentences: int, sentences:
             f"document has {len(sentences)} sentences, more than the limit of {max_sentences} "
             "(serving.max_document_sentences): send it in sections"
         )
+
+
+def cut_sentence(sentence: str, max_chars: int, spans: Sequence[Any]) -> str:
+    """``sentence`` cut to at most ``max_chars`` (a run-on 'sentence' of a filing table can be very long) at the
+    last whitespace before the limit, never inside a PII span (``start``/``end`` found in the whole sentence),
+    so a value cut in two cannot slip past the guard; the cut-off tail is not classified."""
+    if len(sentence) <= max_chars:
+        return sentence
+    cut = max_chars
+    while any(span.start < cut < span.end for span in spans):
+        cut = min(span.start for span in spans if span.start < cut < span.end)
+    space = max((i for i in range(cut + 1) if i < len(sentence) and sentence[i].isspace()), default=0)
+    return sentence[: space or cut].rstrip()
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

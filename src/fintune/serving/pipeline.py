@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +39,10 @@ class Guard(Protocol):
 
     def redact_batch(self, texts: list[str]) -> list[GuardrailResult]:
         """Masked texts, in order."""
+        ...
+
+    def detect_batch(self, texts: Sequence[str]) -> list[list[Any]]:
+        """The PII spans (objects with ``start`` and ``end``) of each text, in order."""
         ...
 
     def check_output(self, result: GuardrailResult, label: str, confidence: float) -> GuardrailResult:
@@ -122,16 +126,21 @@ def validate_text(text: str, max_chars: int) -> str:
             f"text has {len(text)} characters, more than the limit of {max_chars} (serving.max_text_chars): "
             "split it, or send it to /v1/analyze"
         )
+    check_characters(text)
+    return text
+
+
+def check_characters(text: str, what: str = "text") -> None:
+    """InvalidInputError at the first lone surrogate, or control character other than tab and newlines."""
     for index, char in enumerate(text):
         category = unicodedata.category(char)
         if category == "Cs":
-            raise InvalidInputError(f"text is not valid Unicode: lone surrogate U+{ord(char):04X} at {index}")
+            raise InvalidInputError(f"{what} is not valid Unicode: lone surrogate U+{ord(char):04X} at {index}")
         if category == "Cc" and char not in ALLOWED_CONTROLS:
             raise InvalidInputError(
-                f"text holds control character U+{ord(char):04X} at position {index}; only tab and newlines "
+                f"{what} holds control character U+{ord(char):04X} at position {index}; only tab and newlines "
                 "are allowed"
             )
-    return text
 
 
 class ModelSlot:

@@ -128,11 +128,19 @@ class Aggregate(BaseModel):
     degraded_sentences: int
 
 
+class SentenceFailure(BaseModel):
+    """A sentence of an analysed document that could not be classified (left out of the aggregate)."""
+
+    index: int
+    error: ErrorInfo
+
+
 class AnalyzeResponse(BaseModel):
-    """POST /v1/analyze."""
+    """POST /v1/analyze (when no sentence could be classified, the request fails with the first reason)."""
 
     aggregate: Aggregate
     results: list[SentenceResult]
+    failed: list[SentenceFailure] = Field(description="Sentences that could not be classified, and why.")
     latency_ms: float
     request_id: str
 

@@ -22,7 +22,14 @@ from fintune.reliability import CircuitBreaker
 from fintune.serving import documents
 from fintune.serving.batching import MicroBatcher
 from fintune.serving.model_adapter import BatchClassifier, load_baseline, load_classifier, model_dir
-from fintune.serving.pipeline import ClassificationPipeline, Guard, ItemError, ItemOutcome, ModelSlot
+from fintune.serving.pipeline import (
+    ClassificationPipeline,
+    Guard,
+    ItemError,
+    ItemOutcome,
+    ModelSlot,
+    check_characters,
+)
 from fintune.serving.security import ApiKeyChecker
 
 logger = logging.getLogger(__name__)
@@ -177,33 +184,51 @@ class Services:
         }
 
     async def analyze(self, document: str) -> dict[str, Any]:
-        """A document: per-sentence results (redacted) and the aggregate."""
+        """A document: per-sentence results (redacted), the sentences that failed and why, and the aggregate."""
         started = time.perf_counter()
         pipeline, _ = self._parts()
         s = self.settings.serving
         if len(document) > s.max_document_chars or not document.strip():
             documents.check_document(document, s.max_document_chars, s.max_document_sentences, [])
+        check_characters(document, "document")  # positions in the document; spaCy never sees a lone surrogate
         sentences = await asyncio.to_thread(documents.split_sentences, document)
         documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
-        sentences = [_fit(sentence, s.max_text_chars) for sentence in sentences]
+        sentences = await asyncio.to_thread(_fit_sentences, pipeline, sentences, s.max_text_chars)
         for sentence in sentences:
             pipeline.validate(sentence)
         outcomes = await self._submit(sentences, started)
         latency = time.perf_counter() - started
         for outcome in outcomes:
             pipeline.record(outcome, latency)
-        _raise_if_all_unavailable(outcomes)
+        failed = [{"index": i, "error": error_info(o.error)} for i, o in enumerate(outcomes) if o.error is not None]
+        if len(failed) == len(outcomes):  # nothing to aggregate: the request fails with the first reason
+            assert outcomes[0].error is not None
+            raise ItemFailedError(outcomes[0].error)
         results = [sentence_result(i, o) for i, o in enumerate(outcomes) if o.error is None]
         return {
             "aggregate": documents.aggregate(results),
             "results": results,
+            "failed": failed,
             "latency_ms": round(latency * 1000, 3),
         }
 
 
-def _fit(sentence: str, max_chars: int) -> str:
-    """A sentence cut to the per-text limit (a run-on 'sentence' of a filing table can be very long)."""
-    return sentence if len(sentence) <= max_chars else sentence[:max_chars]
+def _fit_sentences(pipeline: ClassificationPipeline, sentences: list[str], max_chars: int) -> list[str]:
+    """Sentences over the per-text limit cut outside the PII spans the guard finds in each (fails closed)."""
+    long = [i for i, sentence in enumerate(sentences) if len(sentence) > max_chars]
+    if not long:
+        return sentences
+    try:
+        spans = pipeline.guard.detect_batch([sentences[i] for i in long])
+    except Exception as exc:  # fail closed, as the batch path does: no sentence is cut blind
+        logger.exception("PII guard failed on %d over-long sentences", len(long))
+        raise ItemFailedError(
+            ItemError("guardrail_failed", f"the PII guard failed ({type(exc).__name__}); retry later", 500)
+        ) from None
+    fitted = list(sentences)
+    for i, found in zip(long, spans, strict=True):
+        fitted[i] = documents.cut_sentence(sentences[i], max_chars, found)
+    return fitted
 
 
 def _raise_if_all_unavailable(outcomes: list[ItemOutcome]) -> None:
