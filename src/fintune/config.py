@@ -487,8 +487,11 @@ class ServingSettings(Section):
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> ServingSettings:
-        if self.queue_size < self.max_batch_items:
-            raise ValueError("queue_size must be at least max_batch_items, or a full batch request never fits")
+        if self.queue_size < max(self.max_batch_items, self.max_document_sentences):
+            raise ValueError(
+                "queue_size must be at least max_batch_items and max_document_sentences, or a full batch or a "
+                "longest document never fits and is refused with 503 forever"
+            )
         return self
 
 

@@ -66,3 +66,11 @@ def test_profile_that_is_not_a_mapping(tmp_path: Path) -> None:
     profile.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_settings(str(profile))
+
+
+def test_the_queue_must_hold_the_largest_batch_and_document() -> None:
+    from fintune.config import ServingSettings
+
+    ServingSettings(queue_size=1000, max_batch_items=256, max_document_sentences=1000)
+    with pytest.raises(ValueError, match="max_document_sentences"):
+        ServingSettings(queue_size=256, max_batch_items=256, max_document_sentences=1000)

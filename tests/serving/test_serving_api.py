@@ -167,6 +167,15 @@ def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PII
     assert health == [200, 200]
 
 
+def test_a_non_ascii_api_key_is_accepted_as_its_utf8_bytes(serving_settings: Settings, guard: PIIGuard) -> None:
+    key = "cl\u00e9-secr\u00e8te"
+    with make_client(with_serving(serving_settings, api_key=key), guard) as client:
+        wait_ready(client)
+        right = client.post("/v1/classify", json={"text": "Net sales rose."}, headers={"X-API-Key": key.encode()})
+        wrong = client.post("/v1/classify", json={"text": "Net sales rose."}, headers={"X-API-Key": b"cle-secrete"})
+    assert (right.status_code, wrong.status_code) == (200, 401)
+
+
 def test_body_over_the_limit_is_413_unread(serving_settings: Settings, guard: PIIGuard) -> None:
     settings = with_serving(serving_settings, max_body_bytes=1024)
     with make_client(settings, guard) as client:
@@ -175,6 +184,15 @@ def test_body_over_the_limit_is_413_unread(serving_settings: Settings, guard: PI
     assert response.status_code == 413
     assert "1024 bytes" in response.json()["error"]["message"]
     assert response.json()["request_id"] == response.headers["x-request-id"]
+
+
+def test_a_chunked_body_over_the_limit_is_413_too(serving_settings: Settings, guard: PIIGuard) -> None:
+    body = json.dumps({"texts": ["Net sales rose."] * 100}).encode()
+    chunks = (body[i:i + 256] for i in range(0, len(body), 256))  # no Content-Length: counted as it streams
+    with make_client(with_serving(serving_settings, max_body_bytes=1024), guard) as client:
+        response = client.post("/v1/classify/batch", content=chunks, headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "1024 bytes" in response.json()["error"]["message"]
 
 
 def _faulty(settings: Settings, **serving: object) -> Settings:
@@ -212,7 +230,8 @@ def test_fail_fast_mode_answers_503_with_retry_after(serving_settings: Settings,
 
 def test_full_queue_answers_503_with_retry_after(serving_settings: Settings, guard: PIIGuard) -> None:
     faults = serving_settings.serving.faults.model_copy(update={"delay_ms": 400}).model_dump()
-    settings = with_serving(serving_settings, max_batch_items=2, queue_size=2, micro_batch_size=1, faults=faults)
+    settings = with_serving(serving_settings, max_batch_items=2, max_document_sentences=2, queue_size=2,
+                            micro_batch_size=1, faults=faults)
     with make_client(settings, guard) as client:
         wait_ready(client)
         with ThreadPoolExecutor(6) as pool:

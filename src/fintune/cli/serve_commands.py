@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -69,7 +70,8 @@ def serve_command(
     console.print(example_curl(url, settings), highlight=False, soft_wrap=True)
     uvicorn.run(
         "fintune.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-        timeout_graceful_shutdown=int(s.shutdown_timeout_s), access_log=s.access_log, log_config=log_config(),
+        timeout_graceful_shutdown=math.ceil(s.shutdown_timeout_s),  # whole seconds: 0.5 must not become 0
+        access_log=s.access_log, log_config=log_config(),
     )
 
 

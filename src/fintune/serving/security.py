@@ -34,13 +34,13 @@ class ApiKeyChecker:
         self._key = None if api_key is None else api_key.get_secret_value().encode("utf-8")
 
     def __call__(self, request: Request) -> None:
-        """Pass, or raise 401 saying whether the key is missing or wrong."""
+        """Pass, or raise 401 saying whether the key is missing or wrong (header bytes against the key's UTF-8)."""
         if self._key is None:
             return
         presented = presented_key(request)
         if presented is None:
             raise _unauthorized("missing API key: send it as `X-API-Key: KEY` or `Authorization: Bearer KEY`")
-        if not hmac.compare_digest(presented.encode("utf-8"), self._key):
+        if not hmac.compare_digest(presented.encode("latin-1", "replace"), self._key):
             raise _unauthorized("invalid API key")
 
 
@@ -60,8 +60,12 @@ def _unauthorized(message: str) -> HTTPException:
     return HTTPException(status_code=401, detail=message, headers={"WWW-Authenticate": "Bearer"})
 
 
-class _BodyTooLarge(Exception):
-    """Raised inside receive() when a streamed body passes the limit."""
+class _BodyTooLarge(HTTPException):
+    """Raised inside receive() when a streamed body passes the limit: an HTTPException, which FastAPI re-raises
+    while it reads a body (it turns any other error into a 400)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(status_code=413, detail=too_large_message(max_bytes))
 
 
 class BodySizeLimitMiddleware:
@@ -90,7 +94,7 @@ class BodySizeLimitMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -106,9 +110,12 @@ class BodySizeLimitMiddleware:
 
     async def _reject(self, scope: Scope, send: Send) -> None:
         """Send the 413 body."""
-        message = (f"request body is larger than {self.max_bytes} bytes (serving.max_body_bytes): send fewer or "
-                   "shorter texts")
-        await send_error(scope, send, 413, "body_too_large", message)
+        await send_error(scope, send, 413, "body_too_large", too_large_message(self.max_bytes))
+
+
+def too_large_message(max_bytes: int) -> str:
+    """What a 413 says."""
+    return f"request body is larger than {max_bytes} bytes (serving.max_body_bytes): send fewer or shorter texts"
 
 
 def _content_length(scope: Scope) -> int | None:
