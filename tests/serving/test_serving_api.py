@@ -15,6 +15,7 @@ from serving_helpers import PII_TEXT, PII_VALUES, KeywordClassifier, make_client
 
 from fintune.config import Settings
 from fintune.guardrails import PIIGuard
+from fintune.monitoring import SystemMonitor
 from fintune.serving.model_adapter import Prediction
 
 
@@ -273,3 +274,44 @@ def test_cut_sentence_never_splits_a_span(spans: list[tuple[int, int]], expected
     found = [SimpleNamespace(start=a, end=b) for a, b in spans]
     assert cut_sentence("aaaa bbbb cccc dddd", 12, found) == expected
     assert cut_sentence("short", 12, found) == "short"
+
+
+def test_requests_abandoned_by_their_clients_cost_no_model_time(serving_settings: Settings, guard: PIIGuard) -> None:
+    """Over real HTTP (uvicorn on loopback): clients that time out are cancelled before their text is batched."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from serving_helpers import free_port
+
+    from fintune.serving import create_app
+
+    class SlowModel(KeywordClassifier):
+        def classify(self, texts: list[str]) -> list[Prediction]:
+            time.sleep(1.0)  # far longer than it takes the server to notice a client left
+            return super().classify(texts)
+
+    model, settings = SlowModel(), with_serving(serving_settings, micro_batch_size=1)
+    app = create_app(settings, classifier=model, guard=guard, monitor=SystemMonitor(settings.monitoring))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}/v1/classify"
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        assert httpx.post(url, json={"text": "warm-up"}, timeout=30).status_code == 200
+
+        def give_up(i: int) -> None:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(url, json={"text": f"abandoned {i}"}, timeout=0.2)
+
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(give_up, range(4)))
+        assert httpx.post(url, json={"text": "Net sales rose."}, timeout=30).json()["label"] == "positive"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    abandoned = [text for text in model.seen if text.startswith("abandoned")]
+    assert len(abandoned) <= 1, abandoned  # at most the one already in the model when its client left

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fintune import __version__
@@ -29,6 +29,7 @@ from fintune.errors import InvalidInputError, ModelUnavailableError, ServiceOver
 from fintune.monitoring import SystemMonitor
 from fintune.reliability import CircuitBreaker
 from fintune.serving.dependencies import get_request_id
+from fintune.serving.disconnect import CLIENT_CLOSED_STATUS, ClientDisconnectedError
 from fintune.serving.model_adapter import BatchClassifier
 from fintune.serving.pipeline import Guard
 from fintune.serving.routers import analyze, classify, health, metrics
@@ -131,6 +132,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ModelUnavailableError)
     async def on_unavailable(request: Request, exc: ModelUnavailableError) -> JSONResponse:
         return _error(request, 503, "model_unavailable", str(exc), exc.retry_after_s)
+
+    @app.exception_handler(ClientDisconnectedError)
+    async def on_client_gone(request: Request, exc: ClientDisconnectedError) -> Response:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
 
     @app.exception_handler(ItemFailedError)
     async def on_item_failed(request: Request, exc: ItemFailedError) -> JSONResponse:

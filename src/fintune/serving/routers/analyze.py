@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from fintune.serving.dependencies import get_request_id, get_services, require_api_key
+from fintune.serving.disconnect import unless_disconnected
 from fintune.serving.routers.classify import ERRORS
 from fintune.serving.schemas import AnalyzeRequest, AnalyzeResponse
 from fintune.serving.service import Services
@@ -19,6 +20,7 @@ async def analyze(
     body: AnalyzeRequest,
     services: Annotated[Services, Depends(get_services)],
     request_id: Annotated[str, Depends(get_request_id)],
+    request: Request,
 ) -> dict:
     """Split into sentences, classify them in batches; label shares, weighted score, extreme sentences."""
-    return {**await services.analyze(body.text), "request_id": request_id}
+    return {**await unless_disconnected(request, services.analyze(body.text)), "request_id": request_id}
