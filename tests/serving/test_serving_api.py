@@ -315,3 +315,35 @@ def test_requests_abandoned_by_their_clients_cost_no_model_time(serving_settings
         thread.join(timeout=10)
     abandoned = [text for text in model.seen if text.startswith("abandoned")]
     assert len(abandoned) <= 1, abandoned  # at most the one already in the model when its client left
+
+
+def test_shutdown_does_not_wait_for_a_model_still_loading(serving_settings: Settings, guard: PIIGuard) -> None:
+    import threading
+    import time
+
+    import uvicorn
+    from serving_helpers import free_port
+
+    from fintune.serving import create_app
+
+    release = threading.Event()
+
+    def slow_loader() -> KeywordClassifier:
+        release.wait(timeout=30)  # a multi-minute load, as far as this test can tell
+        return KeywordClassifier()
+
+    app = create_app(serving_settings, classifier=slow_loader, guard=guard,
+                     monitor=SystemMonitor(serving_settings.monitoring))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        started = time.perf_counter()
+        server.should_exit = True
+        thread.join(timeout=20)
+        stopped_in = time.perf_counter() - started
+    finally:
+        release.set()
+    assert not thread.is_alive() and stopped_in < 10, stopped_in  # not the 30 s the load would take

@@ -9,7 +9,9 @@ monitor, and turn outcomes into response bodies. Routers stay thin; everything h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -89,7 +91,12 @@ class Services:
         self._model_task = asyncio.create_task(self._load_model(slot), name="fintune-model-load")
 
     async def stop(self) -> None:
-        """Finish every queued item, then stop the batcher and undo the log redaction."""
+        """Finish every queued item, then stop the batcher and undo the log redaction; a model load still
+        running is abandoned (its daemon thread never holds the process)."""
+        if self._model_task is not None and not self._model_task.done():
+            self._model_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._model_task
         if self.batcher is not None:
             await self.batcher.stop()
         if self._uninstall_redaction is not None:
@@ -115,7 +122,7 @@ class Services:
 
     async def _load_model(self, slot: ModelSlot) -> None:
         """Load the model off the event loop; then wire drift detection when a baseline file exists."""
-        await asyncio.to_thread(slot.load)
+        await in_daemon_thread(slot.load, "fintune-model-load")
         if slot.recovery is not None:
             self.monitor.on_drift(slot.recovery.handle_drift)
             try:
@@ -211,6 +218,29 @@ class Services:
             "failed": failed,
             "latency_ms": round(latency * 1000, 3),
         }
+
+
+async def in_daemon_thread(fn: Callable[[], None], name: str) -> None:
+    """Await ``fn()`` run in a daemon thread: unlike ``asyncio.to_thread``, whose executor the event loop waits
+    for when it closes, a shutdown during a long model load does not wait for the load."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(None) if error is None else done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:  # handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    await done
 
 
 def _fit_sentences(pipeline: ClassificationPipeline, sentences: list[str], max_chars: int) -> list[str]:
