@@ -11,6 +11,7 @@ from fintune.errors import GuardrailError
 from fintune.guardrails import GuardrailResult, PIIGuard
 from fintune.guardrails.evaluation import Case, leaks
 
+FULL_WIDTH_CARD = "4111 1111 1111 1111".translate({ord(d): 0xFF10 + int(d) for d in "0123456789"})
 PII_CASES = [
     ("US_SSN", "Client SSN 536-22-8145 on file.", "536-22-8145"),
     ("US_SSN", "SSN 123-45-6789 is a published sample but still PII here.", "123-45-6789"),
@@ -32,6 +33,14 @@ PII_CASES = [
     ("PHONE_NUMBER", "US callers : +1 617-\u00e1801-\u00e16888 , access code : 2659 .", "+1 617-\u00e1801-\u00e16888"),
     ("PHONE_NUMBER", "Dial +1 334\u2013323\u20136201 in the USA.", "+1 334\u2013323\u20136201"),
     ("PHONE_NUMBER", "Hotline +44\u00a020\u00a07946\u00a00958 today.", "+44\u00a020\u00a07946\u00a00958"),
+    # pasted text: no-break spaces, en dashes, full-width digits, a number over several lines, a "+" bullet
+    ("CREDIT_CARD", "Card 4111\u00a01111\u00a01111\u00a01111 on file.", "4111\u00a01111\u00a01111\u00a01111"),
+    ("CREDIT_CARD", "Card 4111\u20131111\u20131111\u20131111 on file.", "4111\u20131111\u20131111\u20131111"),
+    ("CREDIT_CARD", f"Card {FULL_WIDTH_CARD} on file.", FULL_WIDTH_CARD),
+    ("CREDIT_CARD", "Card 4111\n1111\n1111\n1111 on file.", "4111\n1111\n1111\n1111"),
+    ("CREDIT_CARD", "Cards on file:\n+ 4111 1111 1111 1111", "4111 1111 1111 1111"),
+    ("US_SSN", "SSN 219\u201309\u20139999 on file.", "219\u201309\u20139999"),
+    ("IBAN_CODE", "IBAN DE89\n3704\n0044\n0532\n0130\n00 on file.", "DE89\n3704\n0044\n0532\n0130\n00"),
     ("IBAN_CODE", "Transfer EUR 1,200 to DE89 3704 0044 0532 0130 00 by Friday.", "DE89 3704 0044 0532 0130 00"),
     ("IBAN_CODE", "Refund to FI2112345600000785 please.", "FI2112345600000785"),
     ("ACCOUNT_NUMBER", "Wire USD 25,000 to account 0012345678 today.", "0012345678"),
@@ -125,3 +134,20 @@ def test_missing_spacy_model_is_an_error_not_a_download(monkeypatch: pytest.Monk
     monkeypatch.setattr(spacy.cli, "download", no_download)
     with pytest.raises(GuardrailError, match="en_core_web_nonexistent.*not installed"):
         PIIGuard(GuardrailSettings(spacy_model="en_core_web_nonexistent"))
+
+
+def test_no_look_behind_has_an_unbounded_repeat() -> None:
+    """An unbounded repeat inside a look-behind costs quadratic time on a long run of spaces (8,000: 20 s)."""
+    import re
+
+    from fintune.guardrails import recognizers
+
+    look_behinds = [
+        match.group()
+        for recognizer in vars(recognizers).values()
+        if isinstance(recognizer, type) and hasattr(recognizer, "PATTERNS")
+        for pattern in recognizer.PATTERNS
+        for match in re.finditer(r"\(\?<=.*?\)\(\?<!", pattern.regex)
+    ]
+    assert len(look_behinds) >= 4  # SSN, phone, account and routing context patterns
+    assert not [lb for lb in look_behinds if re.search(r"(?<!\\)[*+]|\{\d*,\}", lb)], look_behinds

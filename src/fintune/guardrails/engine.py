@@ -4,11 +4,18 @@ The analyzer gets a registry holding only the PII recognizers the settings name 
 slim spaCy engine (tokens and lemmas for context words; NER and parser disabled, since no configured entity
 comes from NER). The spaCy model is loaded as an installed package and never downloaded; the email check uses
 tldextract's bundled suffix list. Nothing here touches the network.
+
+The recognizers read a copy of the text normalised one character for one character (:func:`for_detection`:
+Unicode spaces and line breaks to a space, dashes to "-", non-ASCII digits to ASCII), so a card or SSN pasted
+with no-break spaces, en dashes, full-width digits or over several lines is found; the offsets are the same,
+and the original text is what gets masked.
 """
 
 from __future__ import annotations
 
+import re
 import threading
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, RecognizerResult
@@ -54,13 +61,14 @@ class PIIGuard:
 
     def detect(self, text: str) -> list[RecognizerResult]:
         """Non-overlapping PII spans in ``text`` (in-process only: these offsets never leave the guard's caller)."""
-        return merge_overlaps(self.analyzer.analyze(text=text, language=self.settings.language,
+        return merge_overlaps(self.analyzer.analyze(text=for_detection(text), language=self.settings.language,
                                                     entities=self.settings.entities))
 
     def detect_batch(self, texts: Sequence[str]) -> list[list[RecognizerResult]]:
         """:meth:`detect` for many texts, running spaCy once over them all (``nlp.pipe``)."""
         found = self.batch_analyzer.analyze_iterator(
-            texts=list(texts), language=self.settings.language, entities=self.settings.entities,
+            texts=[for_detection(text) for text in texts], language=self.settings.language,
+            entities=self.settings.entities,
             batch_size=self.settings.batch_size,
         )
         return [merge_overlaps(results) for results in found]
@@ -95,6 +103,28 @@ class PIIGuard:
             pii_types=sorted({span.entity_type for span in spans}),
             pii_count=len(spans),
         )
+
+
+_UNUSUAL = re.compile(r"[^\x20-\x7e]")  # anything but printable ASCII: line breaks, tabs, non-ASCII
+
+
+def for_detection(text: str) -> str:
+    """``text`` with Unicode spaces and line breaks as " ", dashes as "-", digits as ASCII digits: the same length,
+    every offset unchanged, so spans found in it mask the original."""
+    return text if not _UNUSUAL.search(text) else _UNUSUAL.sub(_plain, text)
+
+
+def _plain(match: re.Match[str]) -> str:
+    """The ASCII stand-in of one character, or the character itself."""
+    char = match.group()
+    category = unicodedata.category(char)
+    if category in ("Zs", "Zl", "Zp") or char in "\t\n\r\v\f\x1c\x1d\x1e\x85":
+        return " "
+    if category == "Pd":
+        return "-"
+    if category == "Nd":
+        return str(unicodedata.digit(char))
+    return char
 
 
 def merge_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult]:
