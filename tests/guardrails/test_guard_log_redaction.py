@@ -98,3 +98,35 @@ def test_fast_path_skips_only_text_no_recognizer_can_match() -> None:
     assert set(GENERATORS) | {"US_BANK_NUMBER"} == set(supported_entities())
     assert all(may_hold_pii(gen(rng)[0]) for gen in GENERATORS.values() for _ in range(50))
     assert not may_hold_pii("Operating profit rose sharply in the quarter .")
+
+
+def test_extra_fields_are_redacted_too(guard: PIIGuard) -> None:
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logging.Formatter("%(message)s|%(customer)s|%(attempt)s"))
+    log = logging.getLogger("fintune.test.extra")
+    log.addHandler(handler)
+    uninstall = install_log_redaction(guard)
+    try:
+        log.warning("wire for %s", f"SSN {SECRETS[0]}", extra={"customer": f"mail {SECRETS[2]}", "attempt": 2})
+    finally:
+        uninstall()
+        log.removeHandler(handler)
+    _assert_clean(buffer.getvalue())
+    assert "wire for SSN <US_SSN>|mail <EMAIL_ADDRESS>|2" in buffer.getvalue()
+    assert logging.Logger.makeRecord is logging.Logger.__dict__["makeRecord"]  # uninstalled
+
+
+def test_a_guard_failure_withholds_the_record_and_never_breaks_the_logging_call(all_log_output: io.StringIO) -> None:
+    class BrokenGuard:
+        def redact(self, text: str) -> object:
+            raise ValueError("text too long for spaCy")
+
+    uninstall = install_log_redaction(BrokenGuard())  # type: ignore[arg-type]
+    try:
+        logging.getLogger("fintune.test.broken").warning("payload %s", f"card {SECRETS[1]}")
+    finally:
+        uninstall()
+    output = all_log_output.getvalue()
+    _assert_clean(output)
+    assert "[withheld: the PII guard failed on this record (ValueError)]" in output

@@ -1,8 +1,10 @@
 """Log redaction: every log record's message (and traceback) passes through the guard before any handler sees it.
 
 :func:`install_log_redaction` wraps the process's log record factory, so the redaction applies to every record
-any logger creates, whichever handlers exist now or are added later (uvicorn's, pytest's). The
-:class:`PIIRedactingFilter` does the same job for one handler or logger when a global hook is not wanted.
+any logger creates, whichever handlers exist now or are added later (uvicorn's, pytest's), and
+``Logger.makeRecord``, which sets a call's ``extra`` fields after the factory has run. The
+:class:`PIIRedactingFilter` does the same job for one handler or logger when a global hook is not wanted. A record
+the guard fails on is withheld, never passed on unredacted, and the logging call itself never fails.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from fintune.guardrails.engine import PIIGuard
 _STATE = threading.local()
 WITHHELD = "[withheld: logged from inside the PII guard, may quote unredacted text]"
 """What a record created while the guard runs says instead of its message."""
+GUARD_FAILED = "[withheld: the PII guard failed on this record ({error})]"
+"""What a record says when redacting it raised."""
+_STANDARD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 QUOTING_LOGGERS = ("presidio-analyzer", "presidio-anonymizer")
 """Libraries whose DEBUG records quote tokens of the analysed text (context word lists, spans)."""
 
@@ -35,9 +40,30 @@ def redact_record(record: logging.LogRecord, guard: PIIGuard) -> logging.LogReco
     try:
         _redact_message(record, guard)
         _redact_exception(record, guard)
+        _redact_extra(record, guard)
+    except Exception as exc:  # fail closed, and never break the code that logs
+        record.msg, record.args = GUARD_FAILED.format(error=type(exc).__name__), None
+        record.exc_info = record.exc_text = record.stack_info = None
+        for name in _extra_fields(record):
+            setattr(record, name, "[withheld]")
     finally:
         _STATE.busy = False
     return record
+
+
+def _extra_fields(record: logging.LogRecord) -> list[str]:
+    """The attributes a logging call's ``extra`` added to the record."""
+    return [name for name in vars(record) if name not in _STANDARD_FIELDS]
+
+
+def _redact_extra(record: logging.LogRecord, guard: PIIGuard) -> None:
+    """Mask PII in the text of every ``extra`` field (a formatter may print any of them)."""
+    for name in _extra_fields(record):
+        text = str(getattr(record, name))
+        if may_hold_pii(text):
+            result = guard.redact(text)
+            if result.pii_detected:
+                setattr(record, name, result.redacted_text)
 
 
 def may_hold_pii(text: str) -> bool:
@@ -89,10 +115,21 @@ def install_log_redaction(guard: PIIGuard) -> Callable[[], None]:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         return redact_record(previous(*args, **kwargs), guard)
 
+    previous_make = logging.Logger.makeRecord
+
+    def make_record(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous_make(self, *args, **kwargs)
+        if _extra_fields(record):  # set after the factory ran: redact them now
+            redact_record(record, guard)
+        return record
+
     logging.setLogRecordFactory(factory)
+    logging.Logger.makeRecord = make_record  # type: ignore[method-assign]
 
     def uninstall() -> None:
         if logging.getLogRecordFactory() is factory:
             logging.setLogRecordFactory(previous)
+        if logging.Logger.makeRecord is make_record:
+            logging.Logger.makeRecord = previous_make  # type: ignore[method-assign]
 
     return uninstall
