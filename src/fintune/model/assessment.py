@@ -73,11 +73,26 @@ def memory_figures(classifier: Classifier) -> dict[str, float | None]:
 
 
 def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str, Any]) -> list[Example]:
-    """The test split minus sentences the model trained on (only possible when it trained on another subset)."""
-    trained_on = card.get("data", {}).get("subset")
-    if not trained_on or trained_on == splits.subset:
+    """The test split minus sentences the model trained on (only possible when it trained on another subset).
+
+    The model's training split is rebuilt with these settings, so it must be the one in the card (same data
+    fingerprint): a model trained with another split seed or other fractions would be scored on its own
+    training sentences, and that is an :class:`ArtifactError`.
+    """
+    data = card.get("data", {})
+    trained_on, fingerprint = data.get("subset"), data.get("fingerprint")
+    if not trained_on:
         return list(splits.test)
-    seen = {ex.text for ex in load_splits(settings, trained_on).train}
+    training = splits if trained_on == splits.subset else load_splits(settings, trained_on)
+    if fingerprint and training.fingerprint != fingerprint:
+        raise ArtifactError(
+            f"the model was trained on a {trained_on} split with fingerprint {fingerprint[:16]}, but these settings "
+            f"make {training.fingerprint[:16]} (another split seed, fractions or data file): its test figures "
+            "would include training sentences; evaluate with the settings it was trained with"
+        )
+    if training is splits:
+        return list(splits.test)
+    seen = {ex.text for ex in training.train}
     return [ex for ex in splits.test if ex.text not in seen]
 
 

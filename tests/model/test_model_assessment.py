@@ -1,0 +1,43 @@
+"""`fintune evaluate`'s leakage guard: test figures never include sentences the model trained on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fintune.config import load_settings
+from fintune.data import load_splits
+from fintune.errors import ArtifactError
+from fintune.model.assessment import unseen_test_examples
+
+
+def _card(subset: str, fingerprint: str) -> dict:
+    return {"data": {"subset": subset, "fingerprint": fingerprint}}
+
+
+def test_the_whole_test_split_when_the_model_trained_on_this_split(tiny_data_dir: Path) -> None:
+    settings = load_settings("tiny-mistral", data_dir=tiny_data_dir)
+    splits = load_splits(settings, "50agree")
+    assert unseen_test_examples(settings, splits, _card("50agree", splits.fingerprint)) == splits.test
+
+
+def test_another_subset_loses_the_sentences_the_model_trained_on(tiny_data_dir: Path) -> None:
+    lines = (tiny_data_dir / "Sentences_AllAgree.txt").read_text(encoding="utf-8").splitlines()
+    (tiny_data_dir / "Sentences_AllAgree.txt").write_text("\n".join(lines[::2]) + "\n", encoding="utf-8")
+    settings = load_settings("tiny-mistral", data_dir=tiny_data_dir)
+    allagree, fifty = load_splits(settings, "allagree"), load_splits(settings, "50agree")
+    kept = unseen_test_examples(settings, allagree, _card("50agree", fifty.fingerprint))
+    trained = {ex.text for ex in fifty.train}
+    assert not trained & {ex.text for ex in kept}
+    assert len(kept) < len(allagree.test)  # allagree's own split put some 50agree training sentences in its test
+
+
+@pytest.mark.parametrize("subset", ["50agree", "allagree"])
+def test_a_model_trained_on_another_split_of_the_data_is_refused(tiny_data_dir: Path, subset: str) -> None:
+    trained_with = load_settings("tiny-mistral", data_dir=tiny_data_dir)
+    trained_with = trained_with.model_copy(update={"data": trained_with.data.model_copy(update={"split_seed": 7})})
+    card = _card("50agree", load_splits(trained_with, "50agree").fingerprint)
+    settings = load_settings("tiny-mistral", data_dir=tiny_data_dir)  # the default split seed
+    with pytest.raises(ArtifactError, match="evaluate with the settings it was trained with"):
+        unseen_test_examples(settings, load_splits(settings, subset), card)
