@@ -40,6 +40,8 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert main(["calibrate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 0
     refitted = json.loads((model_dir / "fintune.json").read_text())["calibration"]
     assert refitted["temperature"] == pytest.approx(fitted, rel=0.01)  # a calibrated model stays as it is
+    readme = (model_dir / "README.md").read_text()  # follows the card
+    assert f"temperature {refitted['temperature']:.3f}, validation ECE {refitted['ece_before']} -> " in readme
 
     eval_dir = tiny_env / "eval"
     assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir), "--subset", "50agree",

@@ -108,7 +108,12 @@ def calibrate_command(
     classifier = load_classifier(model, settings)
     source = f"validation of {splits.subset} ({len(splits.validation)} sentences)"
     _, record = calibrate(classifier, splits.validation, settings.model.inference.calibration_bins, source)
-    write_json(model / CARD_FILE, {**card, "calibration": {**record, "command": command_line()}})
+    updated = {**card, "calibration": {**record, "command": command_line()}}
+    write_json(model / CARD_FILE, updated)
+    if card.get("backend", "qlora") == "qlora":  # its README.md quotes the card: keep them in step
+        from fintune.model.training import model_card
+
+        (model / "README.md").write_text(model_card(updated), encoding="utf-8")
     console.print(
         f"temperature {record['temperature']:.3f}: validation ECE {record['ece_before']} -> {record['ece_after']}, "
         f"NLL {record['nll_before']} -> {record['nll_after']}; written to {model / CARD_FILE}"
