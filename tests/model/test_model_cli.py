@@ -73,3 +73,13 @@ def test_lora_report_prints_the_exact_mistral_count(tmp_path: Path, capsys: pyte
 def test_evaluate_a_folder_without_a_model_is_one_error_line(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(tiny_env / "nothing")]) != 0
     assert "fintune train" in capsys.readouterr().err
+
+
+def test_overwrite_also_clears_an_interrupted_run(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:
+    model_dir = tiny_env / "interrupted"
+    (model_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # left by a run of unknown settings
+    args = ["train", "--profile", "tiny-mistral", "--output-dir", str(model_dir), "--max-steps", "1"]
+    assert main(args) == 2
+    assert "checkpoints of another run" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((model_dir / "fintune.json").read_text())["resumed"] is False

@@ -69,6 +69,13 @@ def test_resumes_from_its_last_checkpoint(tiny_settings: Settings) -> None:
     assert resumed.card["resumed"] is True
     assert resumed.card["global_steps"] == 2
 
+    other_lora = tiny_settings.model.lora.model_copy(update={"r": 4})  # checkpoints of r=16 cannot carry on as r=4
+    other = tiny_settings.model_copy(update={"model": tiny_settings.model.model_copy(update={"lora": other_lora})})
+    with pytest.raises(ArtifactError, match="checkpoints of another run.*--overwrite"):
+        train(other, output_dir=out, max_steps=3, splits=splits)
+    with pytest.raises(ArtifactError, match="checkpoints of another run"):
+        train(tiny_settings, output_dir=out, max_steps=3, splits=load_splits(tiny_settings, "allagree"))
+
 
 def test_loading_a_folder_without_an_adapter_says_what_to_do(tiny_settings: Settings) -> None:
     with pytest.raises(ArtifactError, match="fintune train"):

@@ -16,7 +16,7 @@ from fintune.cli._app import app, console
 from fintune.config import load_settings
 from fintune.data import check_subset, load_splits
 from fintune.errors import ArtifactError
-from fintune.model.card import finished_card, forget_training, is_trained
+from fintune.model.card import CHECKPOINT_DIR, finished_card, forget_training, is_trained
 from fintune.provenance import command_line
 
 ProfileOption = Annotated[
@@ -68,18 +68,18 @@ def train_command(
 
 
 def _clear_finished(target: Path, overwrite: bool) -> None:
-    """Refuse to train over a finished model unless told to overwrite it; then forget its card and checkpoints."""
+    """Refuse to train over a finished model unless told to overwrite it; with --overwrite forget the folder's
+    card and checkpoints (an interrupted run's too), so training starts from scratch."""
     card = finished_card(target)
-    if card is None:
-        return
-    if not overwrite:
+    if card is not None and not overwrite:
         trained = card.get("provenance", {}).get("date", "an earlier run")
         raise ArtifactError(
             f"{target} already holds a finished {card.get('profile')} model (trained {trained}); pass --overwrite "
             "to train it again from scratch, --skip-if-trained to keep it, or choose another --output-dir"
         )
-    console.print(f"{target}: replacing the finished {card.get('profile')} model (--overwrite)")
-    forget_training(target)
+    if overwrite and (card is not None or (target / CHECKPOINT_DIR).exists()):
+        console.print(f"{target}: starting afresh (--overwrite)")
+        forget_training(target)
 
 
 @app.command("calibrate")

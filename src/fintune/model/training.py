@@ -10,6 +10,7 @@ temperature fitted on the validation split (:mod:`fintune.model.calibration`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from trl import SFTConfig, SFTTrainer
 from fintune import LABELS
 from fintune.config import InferenceSettings, Settings, TrainingSettings
 from fintune.data import DataSplits, Example, load_splits
+from fintune.errors import ArtifactError
 from fintune.evaluation import classification_metrics, write_json
 from fintune.model.calibration import validation_probabilities
 from fintune.model.card import CARD_FILE, CHECKPOINT_DIR
@@ -102,6 +104,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     splits = splits or load_splits(settings, settings.data.subset)
     model_cfg = settings.model
+    resume = resume_or_record_run(out, run_identity(settings, splits))
     set_seed(settings.seed)
     started = time.perf_counter()
     source = resolve_base(model_cfg, settings.cache_dir)
@@ -118,7 +121,6 @@ def train(
         processing_class=tokenizer,
         peft_config=lora_config(model_cfg.lora),
     )
-    resume = last_checkpoint(out) is not None
     if resume:
         logger.info("resuming from %s", last_checkpoint(out))
     train_output = trainer.train(resume_from_checkpoint=True if resume else None)
@@ -158,6 +160,36 @@ def train(
     write_json(out / CARD_FILE, card)
     (out / "README.md").write_text(model_card(card), encoding="utf-8")
     return TrainingResult(out, card, classifier)
+
+
+RUN_FILE = "run.json"
+"""In the checkpoint folder: what the run is (profile, seed, data fingerprint, model settings)."""
+
+
+def run_identity(settings: Settings, splits: DataSplits) -> dict[str, Any]:
+    """What must be the same for checkpoints to be resumed: profile, seed, data and every model setting."""
+    return {"profile": settings.profile, "seed": settings.seed, "data_fingerprint": splits.fingerprint,
+            "model_settings": settings.model.model_dump(mode="json")}
+
+
+def resume_or_record_run(out: Path, identity: dict[str, Any]) -> bool:
+    """True when ``out`` holds checkpoints of this very run; without checkpoints, record the run and return False.
+
+    Checkpoints of another run (other data, profile or settings) are an :class:`ArtifactError`: resuming them
+    would mix two trainings silently, or fail deep inside the trainer.
+    """
+    recorded = out / CHECKPOINT_DIR / RUN_FILE
+    if last_checkpoint(out) is None:
+        recorded.parent.mkdir(parents=True, exist_ok=True)
+        write_json(recorded, identity)
+        return False
+    previous = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else None
+    if previous != json.loads(json.dumps(identity)):
+        raise ArtifactError(
+            f"{out} holds checkpoints of another run (other data, profile or settings, or an older version): "
+            "pass --overwrite to start afresh, or choose another --output-dir"
+        )
+    return True
 
 
 def last_checkpoint(out: Path) -> Path | None:
