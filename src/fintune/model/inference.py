@@ -50,9 +50,20 @@ class Prediction:
     probabilities: dict[str, float]
 
 
-def label_token_ids(tokenizer: Any, labels: Sequence[str] = LABELS) -> list[int]:
-    """The first token of `` <label>`` for each label; ModelError when two labels share it."""
-    ids = [tokenizer.encode(f" {label}", add_special_tokens=False)[0] for label in labels]
+def label_token_ids(tokenizer: Any, prompt: str, labels: Sequence[str] = LABELS) -> list[int]:
+    """For each label, the first token of the completion `` <label>`` after ``prompt``, tokenized in context as
+    TRL tokenizes prompt + completion (a SentencePiece tokenizer encodes " positive" alone as "▁", "▁positive",
+    so the label's own first token would be the same "▁" for all three); ModelError when two labels share it."""
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+    ids = []
+    for label in labels:
+        full = tokenizer.encode(f"{prompt} {label}", add_special_tokens=False)
+        if full[: len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
+            raise ModelError(
+                f"the prompt's last token merges with ' {label}' ({prompt[-20:]!r}): end the prompt template on a "
+                "token boundary, e.g. with ':'"
+            )
+        ids.append(full[len(prompt_ids)])
     if len(set(ids)) != len(ids):
         raise ModelError(
             f"the tokenizer starts two labels with the same token ({dict(zip(labels, ids, strict=True))}); "
@@ -75,7 +86,7 @@ class SentimentClassifier:
         self.tokenizer.padding_side = "left"
         self.prompt_template = prompt_template
         self.settings = inference
-        self.label_ids = torch.tensor(label_token_ids(tokenizer))
+        self.label_ids = torch.tensor(label_token_ids(tokenizer, prompt_template.format(text="x")))
         if inference.num_threads:
             torch.set_num_threads(inference.num_threads)
         self._label_rows: torch.Tensor | None = _label_rows(model, self.label_ids)
