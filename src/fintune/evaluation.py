@@ -29,6 +29,7 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
+    present = np.array([label in set(y_true) | set(y_pred) for label in labels])  # sklearn's macro average
     per_class = {
         label: {
             "precision": round(float(precision[i]), 4),
@@ -40,7 +41,7 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict
     }
     return {
         "accuracy": round(float(accuracy_score(y_true, y_pred)), 4),
-        "macro_f1": round(float(np.mean(f1)), 4),
+        "macro_f1": round(float(np.mean(f1[present])), 4) if present.any() else 0.0,
         "per_class": per_class,
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "labels": labels,

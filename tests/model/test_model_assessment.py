@@ -41,3 +41,21 @@ def test_a_model_trained_on_another_split_of_the_data_is_refused(tiny_data_dir: 
     settings = load_settings("tiny-mistral", data_dir=tiny_data_dir)  # the default split seed
     with pytest.raises(ArtifactError, match="evaluate with the settings it was trained with"):
         unseen_test_examples(settings, load_splits(settings, subset), card)
+
+
+def test_macro_f1_matches_sklearn_also_when_a_class_is_absent() -> None:
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from fintune import LABELS
+    from fintune.evaluation import classification_metrics
+    from fintune.model.assessment import macro_f1_codes
+
+    rng = np.random.default_rng(0)
+    for classes in ([0, 1, 2], [1, 2], [2]):  # the last: every sentence of one class, all predicted right
+        truth = rng.choice(classes, size=40)
+        predicted = truth.copy() if len(classes) == 1 else rng.choice(classes, size=40)
+        expected = f1_score(truth, predicted, average="macro")
+        assert macro_f1_codes(truth, predicted) == pytest.approx(expected)
+        names = [LABELS[i] for i in truth], [LABELS[i] for i in predicted]
+        assert classification_metrics(*names)["macro_f1"] == pytest.approx(expected, abs=1e-4)

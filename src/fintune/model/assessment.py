@@ -97,12 +97,13 @@ def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str,
 
 
 def macro_f1_codes(truth: np.ndarray, predicted: np.ndarray, k: int = len(LABELS)) -> float:
-    """Macro-F1 of integer-coded labels (a class absent on both sides scores 0, as sklearn does)."""
+    """Macro-F1 of integer-coded labels, over the classes present in truth or prediction (as sklearn does)."""
     counts = np.bincount(truth * k + predicted, minlength=k * k).reshape(k, k)
     tp = np.diag(counts).astype(float)
     denominator = 2 * tp + (counts.sum(axis=0) - tp) + (counts.sum(axis=1) - tp)
     f1 = np.divide(2 * tp, denominator, out=np.zeros(k), where=denominator > 0)
-    return float(f1.mean())
+    present = denominator > 0
+    return float(f1[present].mean()) if present.any() else 0.0
 
 
 def bootstrap_difference(
