@@ -29,7 +29,8 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict
     precision, recall, f1, support = precision_recall_fscore_support(
         y_true, y_pred, labels=labels, zero_division=0
     )
-    present = np.array([label in set(y_true) | set(y_pred) for label in labels])  # sklearn's macro average
+    seen = set(y_true) | set(y_pred)
+    present = np.array([label in seen for label in labels])  # sklearn's macro average: classes that occur
     per_class = {
         label: {
             "precision": round(float(precision[i]), 4),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fintune.guardrails.engine import PIIGuard
@@ -33,14 +33,20 @@ def redact_record(record: logging.LogRecord, guard: PIIGuard) -> logging.LogReco
     Records the guard's own libraries create while it runs, and their DEBUG records at any time, are withheld
     instead: they quote reordered fragments of the raw text that no recognizer can reassemble.
     """
+    return _redact(record, guard, (_redact_message, _redact_exception, _redact_extra))
+
+
+def _redact(
+    record: logging.LogRecord, guard: PIIGuard, steps: Sequence[Callable[[logging.LogRecord, PIIGuard], None]]
+) -> logging.LogRecord:
+    """Run the redaction ``steps`` on ``record``, withholding what the guard's libraries log while it runs."""
     if getattr(_STATE, "busy", False) or (record.levelno < logging.INFO and record.name in QUOTING_LOGGERS):
         record.msg, record.args, record.exc_info, record.exc_text = WITHHELD, None, None, None
         return record
     _STATE.busy = True
     try:
-        _redact_message(record, guard)
-        _redact_exception(record, guard)
-        _redact_extra(record, guard)
+        for step in steps:
+            step(record, guard)
     except Exception as exc:  # fail closed, and never break the code that logs
         record.msg, record.args = GUARD_FAILED.format(error=type(exc).__name__), None
         record.exc_info = record.exc_text = record.stack_info = None
@@ -119,8 +125,8 @@ def install_log_redaction(guard: PIIGuard) -> Callable[[], None]:
 
     def make_record(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous_make(self, *args, **kwargs)
-        if _extra_fields(record):  # set after the factory ran: redact them now
-            redact_record(record, guard)
+        if _extra_fields(record):  # set after the factory redacted the rest: redact them now
+            _redact(record, guard, (_redact_extra,))
         return record
 
     logging.setLogRecordFactory(factory)
