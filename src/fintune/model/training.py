@@ -167,9 +167,10 @@ RUN_FILE = "run.json"
 
 
 def run_identity(settings: Settings, splits: DataSplits) -> dict[str, Any]:
-    """What must be the same for checkpoints to be resumed: profile, seed, data and every model setting."""
+    """What must be the same for checkpoints to be resumed: profile, seed, data and every model setting that
+    shapes training (inference settings may change between the two runs)."""
     return {"profile": settings.profile, "seed": settings.seed, "data_fingerprint": splits.fingerprint,
-            "model_settings": settings.model.model_dump(mode="json")}
+            "model_settings": settings.model.model_dump(mode="json", exclude={"inference"})}
 
 
 def resume_or_record_run(out: Path, identity: dict[str, Any]) -> bool:
