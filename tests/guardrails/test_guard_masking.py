@@ -41,6 +41,9 @@ PII_CASES = [
     ("CREDIT_CARD", "Cards on file:\n+ 4111 1111 1111 1111", "4111 1111 1111 1111"),
     ("US_SSN", "SSN 219\u201309\u20139999 on file.", "219\u201309\u20139999"),
     ("IBAN_CODE", "IBAN DE89\n3704\n0044\n0532\n0130\n00 on file.", "DE89\n3704\n0044\n0532\n0130\n00"),
+    ("CREDIT_CARD", "Pay 4111.1111.1111.1111 today.", "4111.1111.1111.1111"),
+    ("CREDIT_CARD", "Amex 3782.822463.10005 paid the fee.", "3782.822463.10005"),
+    ("IBAN_CODE", "Refund to iban de89 3704 0044 0532 0130 00 please.", "de89 3704 0044 0532 0130 00"),
     ("IBAN_CODE", "Transfer EUR 1,200 to DE89 3704 0044 0532 0130 00 by Friday.", "DE89 3704 0044 0532 0130 00"),
     ("IBAN_CODE", "Refund to FI2112345600000785 please.", "FI2112345600000785"),
     ("ACCOUNT_NUMBER", "Wire USD 25,000 to account 0012345678 today.", "0012345678"),
@@ -57,6 +60,7 @@ FINANCIAL_SIGNAL = [
     "H1 '08 pre-tax profit was SEK 1,250 million , up from SEK 980 million in H1 '07 .",
     "Apple Inc. and Goldman Sachs agreed a USD 2.1 bn deal in New York in January-June 2009 .",
     "The company expects 2010 net sales of EUR 164.7 mn - EUR 170.0 mn , compared with 2,500,000 units .",
+    "eu12 sale rose fell to 2009.2010.2011.2012 levels in q3 2009 .",  # neither an IBAN nor a card
 ]
 
 

@@ -8,6 +8,8 @@ context-anchored patterns use variable-width look-behinds: only the number itsel
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Sequence
 
 import regex
@@ -91,6 +93,45 @@ class Mastercard2SeriesRecognizer(FinancialCreditCardRecognizer):
         super().__init__(
             patterns=self.PATTERNS, supported_language=supported_language, name="Mastercard2SeriesRecognizer"
         )
+
+
+class DottedCardRecognizer(FinancialCreditCardRecognizer):
+    """Card numbers grouped with dots ("4111.1111.1111.1111", Amex "3782.822463.10005"), which Presidio's
+    pattern lacks; Luhn-checked like every card (the dots are dropped before the check)."""
+
+    PATTERNS = [
+        Pattern("16 digits in dotted fours", r"\b\d{4}\.\d{4}\.\d{4}\.\d{4}\b", 0.3),
+        Pattern("Amex, dotted 4-6-5", r"\b3[47]\d{2}\.\d{6}\.\d{5}\b", 0.3),
+    ]
+
+    def __init__(self, supported_language: str = "en") -> None:
+        """Presidio's card recognizer (context words, Luhn check) with the dotted patterns."""
+        super().__init__(
+            patterns=self.PATTERNS, supported_language=supported_language, name="DottedCardRecognizer",
+            replacement_pairs=[("-", ""), (" ", ""), (".", "")],
+        )
+
+
+class CaseBlindIbanRecognizer(IbanRecognizer):
+    """Presidio's IBAN recognizer (format and check digits), also for IBANs typed in lower case ("de89 3704 ...").
+
+    Only words that hold a digit are upper-cased for it, one ASCII letter for one, so offsets are unchanged and
+    ordinary words never join a candidate."""
+
+    def analyze(
+        self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None, regex_flags: int | None = None
+    ) -> list[RecognizerResult]:
+        """Presidio's matches in the text with its alphanumeric words upper-cased."""
+        return super().analyze(_WORD_WITH_DIGIT.sub(_ascii_upper, text), entities, nlp_artifacts, regex_flags)
+
+
+_WORD_WITH_DIGIT = re.compile(r"\b(?=[A-Za-z]*\d)[A-Za-z0-9]+\b")
+_ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
+
+
+def _ascii_upper(match: re.Match[str]) -> str:
+    """The matched word with its ASCII letters upper-cased (the same length)."""
+    return match.group().translate(_ASCII_UPPER)
 
 
 class FinancialPhoneRecognizer(PhoneRecognizer):
@@ -198,10 +239,11 @@ def all_recognizers(phone_regions: Sequence[str] = ("US",), language: str = "en"
         ContextSsnRecognizer(supported_language=language),
         FinancialCreditCardRecognizer(supported_language=language),
         Mastercard2SeriesRecognizer(supported_language=language),
+        DottedCardRecognizer(supported_language=language),
         OfflineEmailRecognizer(supported_language=language),
         FinancialPhoneRecognizer(supported_language=language, supported_regions=tuple(phone_regions)),
         ExtraPhoneRecognizer(supported_language=language),
-        IbanRecognizer(supported_language=language),
+        CaseBlindIbanRecognizer(supported_language=language),
         UsBankRecognizer(supported_language=language),
         AccountNumberRecognizer(supported_language=language),
         RoutingNumberRecognizer(supported_language=language),
