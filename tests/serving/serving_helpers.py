@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import uvicorn
 from fastapi.testclient import TestClient
 
 from fintune.config import Settings, load_settings
@@ -149,3 +150,13 @@ def _wait_ready(server: Server, timeout_s: float) -> None:
             pass
         time.sleep(0.3)
     raise AssertionError(f"server not ready after {timeout_s} s:\n{server.log()}")
+
+
+def start_in_thread(app: object) -> tuple[uvicorn.Server, threading.Thread]:
+    """A real uvicorn server for ``app`` on a free loopback port, in a daemon thread, once it accepts requests."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    return server, thread

@@ -278,12 +278,10 @@ def test_cut_sentence_never_splits_a_span(spans: list[tuple[int, int]], expected
 
 def test_requests_abandoned_by_their_clients_cost_no_model_time(serving_settings: Settings, guard: PIIGuard) -> None:
     """Over real HTTP (uvicorn on loopback): clients that time out are cancelled before their text is batched."""
-    import threading
     import time
 
     import httpx
-    import uvicorn
-    from serving_helpers import free_port
+    from serving_helpers import start_in_thread
 
     from fintune.serving import create_app
 
@@ -294,13 +292,9 @@ def test_requests_abandoned_by_their_clients_cost_no_model_time(serving_settings
 
     model, settings = SlowModel(), with_serving(serving_settings, micro_batch_size=1)
     app = create_app(settings, classifier=model, guard=guard, monitor=SystemMonitor(settings.monitoring))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server, thread = start_in_thread(app)
     url = f"http://127.0.0.1:{server.config.port}/v1/classify"
     try:
-        while not server.started:
-            time.sleep(0.05)
         assert httpx.post(url, json={"text": "warm-up"}, timeout=30).status_code == 200
 
         def give_up(i: int) -> None:
@@ -321,8 +315,7 @@ def test_shutdown_does_not_wait_for_a_model_still_loading(serving_settings: Sett
     import threading
     import time
 
-    import uvicorn
-    from serving_helpers import free_port
+    from serving_helpers import start_in_thread
 
     from fintune.serving import create_app
 
@@ -334,12 +327,8 @@ def test_shutdown_does_not_wait_for_a_model_still_loading(serving_settings: Sett
 
     app = create_app(serving_settings, classifier=slow_loader, guard=guard,
                      monitor=SystemMonitor(serving_settings.monitoring))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server, thread = start_in_thread(app)
     try:
-        while not server.started:
-            time.sleep(0.05)
         started = time.perf_counter()
         server.should_exit = True
         thread.join(timeout=20)

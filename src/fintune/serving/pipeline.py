@@ -143,6 +143,11 @@ def check_characters(text: str, what: str = "text") -> None:
             )
 
 
+def guard_failed(exc: BaseException) -> ItemError:
+    """The 500 an item gets when the PII guard raised (it fails closed: nothing unguarded goes further)."""
+    return ItemError("guardrail_failed", f"the PII guard failed ({type(exc).__name__}); retry later", 500)
+
+
 class ModelSlot:
     """The served model: whether it is loaded, and the RecoveryManager (with the breaker) that calls it."""
 
@@ -236,7 +241,7 @@ class ClassificationPipeline:
             guarded = self.guard.redact_batch(texts)
         except Exception as exc:  # fail closed: an unguarded text never reaches the model or the logs
             logger.exception("PII guard failed on a batch of %d texts", len(texts))
-            error = ItemError("guardrail_failed", f"the PII guard failed ({type(exc).__name__}); retry later", 500)
+            error = guard_failed(exc)
             return [ItemOutcome(error=error) for _ in texts]
         guarded_at = time.perf_counter()
         masked = [g.redacted_text for g in guarded]

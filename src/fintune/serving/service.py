@@ -31,6 +31,7 @@ from fintune.serving.pipeline import (
     ItemOutcome,
     ModelSlot,
     check_characters,
+    guard_failed,
 )
 from fintune.serving.security import ApiKeyChecker
 
@@ -252,9 +253,7 @@ def _fit_sentences(pipeline: ClassificationPipeline, sentences: list[str], max_c
         spans = pipeline.guard.detect_batch([sentences[i] for i in long])
     except Exception as exc:  # fail closed, as the batch path does: no sentence is cut blind
         logger.exception("PII guard failed on %d over-long sentences", len(long))
-        raise ItemFailedError(
-            ItemError("guardrail_failed", f"the PII guard failed ({type(exc).__name__}); retry later", 500)
-        ) from None
+        raise ItemFailedError(guard_failed(exc)) from None
     fitted = list(sentences)
     for i, found in zip(long, spans, strict=True):
         fitted[i] = documents.cut_sentence(sentences[i], max_chars, found)
