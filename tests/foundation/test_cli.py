@@ -97,5 +97,5 @@ def test_settings_shows_profiles_and_env_overrides(capfd: pytest.CaptureFixture[
     code, out, _ = run_cli(capfd, "settings", "--list")
     assert code == 0 and "cpu" in out and "mistral-7b" in out
     monkeypatch.setenv("FINTUNE_MONITORING__DRIFT_THRESHOLD", "0.25")
-    code, out, _ = run_cli(capfd, "settings", "cpu")
+    code, out, _ = run_cli(capfd, "settings", "--profile", "cpu")
     assert code == 0 and "drift_threshold: 0.25" in out and "profile: cpu" in out

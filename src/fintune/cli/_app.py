@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -19,3 +20,11 @@ app = typer.Typer(
 # Piped output (make run, CI logs) gets 120 columns instead of rich's 80, so tables are not truncated.
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+ProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile", "-p", help="Profile name in configs/ or path to a .yaml file (default: FINTUNE_PROFILE or 'cpu')."
+    ),
+]
+"""The ``--profile`` option every command that reads settings takes."""

@@ -7,13 +7,13 @@ from typing import Annotated
 import typer
 import yaml
 
-from fintune.cli._app import app, console
+from fintune.cli._app import ProfileOption, app, console
 from fintune.config import available_profiles, load_settings
 
 
 @app.command("settings")
 def settings_command(
-    profile: Annotated[str | None, typer.Argument(help="Profile name or path to a .yaml file (default: cpu).")] = None,
+    profile: ProfileOption = None,
     list_profiles: Annotated[bool, typer.Option("--list", help="Only list the profiles in configs/.")] = False,
 ) -> None:
     """Print every setting of a profile as YAML, with FINTUNE_* environment overrides applied."""

@@ -11,14 +11,10 @@ from tqdm import tqdm
 
 from fintune import LABELS
 from fintune.baselines import run_baselines
-from fintune.cli._app import app, console
+from fintune.cli._app import ProfileOption, app, console
 from fintune.config import load_settings
 from fintune.data import SUBSET_FILES, check_subset, load_splits
 from fintune.provenance import command_line
-
-ProfileOption = Annotated[
-    str | None, typer.Option("--profile", "-p", help="Profile name in configs/ (default: FINTUNE_PROFILE or 'cpu').")
-]
 
 
 @app.command("data")

@@ -13,8 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from fintune.cli._app import app, console
-from fintune.cli.data_commands import ProfileOption
+from fintune.cli._app import ProfileOption, app, console
 from fintune.config import Settings, load_settings
 from fintune.data import find_source, load_examples
 from fintune.errors import DataError, GuardrailError

@@ -12,16 +12,12 @@ from typing import Annotated
 
 import typer
 
-from fintune.cli._app import app, console
+from fintune.cli._app import ProfileOption, app, console
 from fintune.config import load_settings
 from fintune.data import check_subset, load_splits
 from fintune.errors import ArtifactError
 from fintune.model.card import CHECKPOINT_DIR, finished_card, forget_training, is_trained
 from fintune.provenance import command_line
-
-ProfileOption = Annotated[
-    str | None, typer.Option("--profile", "-p", help="Profile name in configs/ (default: FINTUNE_PROFILE or 'cpu').")
-]
 
 
 @app.command("train")

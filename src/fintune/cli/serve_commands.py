@@ -21,13 +21,10 @@ from typing import Annotated, Any, TextIO
 import typer
 from tqdm import tqdm
 
-from fintune.cli._app import app, console
+from fintune.cli._app import ProfileOption, app, console
 from fintune.config import Settings, load_settings
 from fintune.errors import InvalidInputError
 
-ProfileOption = Annotated[
-    str | None, typer.Option("--profile", "-p", help="Profile name in configs/ (default: FINTUNE_PROFILE or 'cpu').")
-]
 ServedModelOption = Annotated[
     Path | None,
     typer.Option(
