@@ -86,6 +86,11 @@ class DataSplits:
     source: str
     source_sha256: str
 
+    def validation_head(self, limit: int | None) -> list[Example]:
+        """The first ``limit`` validation sentences (all of them when ``limit`` is None): what a trained model is
+        scored and calibrated on (``training.validation_limit``)."""
+        return self.validation[:limit] if limit else self.validation
+
     def describe(self) -> dict[str, Any]:
         """JSON-able summary: subset, fingerprint, source, split sizes and label counts."""
         splits = {"train": self.train, "validation": self.validation, "test": self.test}

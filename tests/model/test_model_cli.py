@@ -21,7 +21,9 @@ def tiny_env(tiny_data_dir: Path, model_cache: Path, tmp_path: Path, monkeypatch
     return tmp_path / "out"
 
 
-def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:
+def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_MODEL__TRAINING__VALIDATION_LIMIT", "5")  # of the 6 validation sentences
     model_dir = tiny_env / "tiny"
     args = ["train", "--profile", "tiny-mistral", "--output-dir", str(model_dir), "--max-steps", "2"]
     assert main(args) == 0
@@ -40,6 +42,7 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert main(["calibrate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 0
     refitted = json.loads((model_dir / "fintune.json").read_text())["calibration"]
     assert refitted["temperature"] == pytest.approx(fitted, rel=0.01)  # a calibrated model stays as it is
+    assert refitted["sentences"] == 5  # on the sentences training calibrated on (training.validation_limit)
     readme = (model_dir / "README.md").read_text()  # follows the card
     assert f"temperature {refitted['temperature']:.3f}, validation ECE {refitted['ece_before']} -> " in readme
 

@@ -102,11 +102,14 @@ def calibrate_command(
             f"{splits.fingerprint[:16]}: its validation split is not here; calibrate it where it was trained"
         )
     classifier = load_classifier(model, settings)
-    source = f"validation of {splits.subset} ({len(splits.validation)} sentences)"
-    _, record = calibrate(classifier, splits.validation, settings.model.inference.calibration_bins, source)
+    qlora = card.get("backend", "qlora") == "qlora"
+    # the sentences `fintune train` calibrates on: the QLoRA trainer honours training.validation_limit
+    examples = splits.validation_head(settings.model.training.validation_limit if qlora else None)
+    source = f"validation of {splits.subset} ({len(examples)} sentences)"
+    _, record = calibrate(classifier, examples, settings.model.inference.calibration_bins, source)
     updated = {**card, "calibration": {**record, "command": command_line()}}
     write_json(model / CARD_FILE, updated)
-    if card.get("backend", "qlora") == "qlora":  # its README.md quotes the card: keep them in step
+    if qlora:  # its README.md quotes the card: keep them in step
         from fintune.model.training import model_card
 
         (model / "README.md").write_text(model_card(updated), encoding="utf-8")

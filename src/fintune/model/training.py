@@ -204,7 +204,7 @@ def score_validation(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Validation metrics of the freshly trained model and, when ``inference.calibrate``, its fitted temperature
     (set on the classifier); also writes the drift baseline from its predictions."""
-    examples = splits.validation[:limit] if limit else splits.validation
+    examples = splits.validation_head(limit)
     source = f"validation of {splits.subset} ({len(examples)} sentences)"
     probabilities, calibration = validation_probabilities(classifier, examples, inference, source)
     predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
