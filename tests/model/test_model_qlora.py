@@ -15,7 +15,7 @@ from fintune.data import load_splits
 from fintune.errors import ArtifactError
 from fintune.model.card import is_trained
 from fintune.model.inference import SentimentClassifier, merge_adapter_in_fp32
-from fintune.model.training import last_checkpoint, train
+from fintune.model.training import last_checkpoint, run_mean_loss, train
 
 pytestmark = pytest.mark.slow
 
@@ -68,6 +68,9 @@ def test_resumes_from_its_last_checkpoint(tiny_settings: Settings) -> None:
     resumed = train(tiny_settings, output_dir=out, max_steps=2, splits=splits)
     assert resumed.card["resumed"] is True
     assert resumed.card["global_steps"] == 2
+    state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    logged = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert len(logged) == 2 and resumed.card["train_loss"] == round(sum(logged) / 2, 4)  # both calls' steps
 
     other_lora = tiny_settings.model.lora.model_copy(update={"r": 4})  # checkpoints of r=16 cannot carry on as r=4
     other = tiny_settings.model_copy(update={"model": tiny_settings.model.model_copy(update={"lora": other_lora})})
@@ -75,6 +78,13 @@ def test_resumes_from_its_last_checkpoint(tiny_settings: Settings) -> None:
         train(other, output_dir=out, max_steps=3, splits=splits)
     with pytest.raises(ArtifactError, match="checkpoints of another run"):
         train(tiny_settings, output_dir=out, max_steps=3, splits=load_splits(tiny_settings, "allagree"))
+
+
+def test_run_mean_loss_weights_the_logged_intervals_before_a_resume() -> None:
+    history = [{"loss": 4.0, "step": 10}, {"loss": 1.0, "step": 20}, {"loss": 9.0, "step": 30}]
+    # resumed at step 20 (step 30's entry belongs to this call), 10 more steps at a mean of 0.5
+    assert run_mean_loss(history, 0.5, resumed_from=20, global_step=30) == pytest.approx((40 + 10 + 5) / 30)
+    assert run_mean_loss(history, 0.5, resumed_from=0, global_step=30) == 0.5  # not resumed: transformers' figure
 
 
 def test_loading_a_folder_without_an_adapter_says_what_to_do(tiny_settings: Settings) -> None:

@@ -121,6 +121,7 @@ def train(
         processing_class=tokenizer,
         peft_config=lora_config(model_cfg.lora),
     )
+    resumed_from = checkpoint_step(last_checkpoint(out)) if resume else 0
     if resume:
         logger.info("resuming from %s", last_checkpoint(out))
     train_output = trainer.train(resume_from_checkpoint=True if resume else None)
@@ -150,7 +151,8 @@ def train(
         "memory_footprint_bytes": int(peft_model.get_memory_footprint()),
         "global_steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
-        "train_loss": round(float(train_output.training_loss), 4),
+        "train_loss": round(run_mean_loss(trainer.state.log_history, train_output.training_loss, resumed_from,
+                                          trainer.state.global_step), 4),
         "train_seconds": round(train_seconds, 1),
         "resumed": resume,
         "validation": validation,
@@ -196,7 +198,27 @@ def resume_or_record_run(out: Path, identity: dict[str, Any]) -> bool:
 def last_checkpoint(out: Path) -> Path | None:
     """The newest ``checkpoint-N`` folder of a run, if any."""
     folders = [p for p in (out / CHECKPOINT_DIR).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(folders, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    return max(folders, key=checkpoint_step, default=None)
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The global step a ``checkpoint-N`` folder was saved at (0 for none)."""
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def run_mean_loss(log_history: list[dict[str, Any]], session_loss: float, resumed_from: int, global_step: int) -> float:
+    """Mean training loss over every step of the run.
+
+    transformers' ``training_loss`` covers only the steps of the last ``train()`` call; a resumed run adds the
+    losses logged before ``resumed_from`` (each the mean of its logging interval) weighted by their steps.
+    """
+    earlier, covered = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and covered < entry["step"] <= resumed_from:
+            earlier += float(entry["loss"]) * (entry["step"] - covered)
+            covered = entry["step"]
+    session_steps = global_step - resumed_from
+    return (earlier + float(session_loss) * session_steps) / max(covered + session_steps, 1)
 
 
 def score_validation(
