@@ -218,6 +218,11 @@ class ModelSettings(Section):
         description="MistralConfig fields of a randomly initialised base (the tiny test model); None loads "
         "pretrained weights.",
     )
+    attention: Literal["sdpa", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel of the causal LM (transformers' attn_implementation): `sdpa`, PyTorch's "
+        "fused kernel, or `eager`, plain matrix products (faster for short sentences on a CPU). Same results.",
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)

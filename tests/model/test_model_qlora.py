@@ -15,6 +15,8 @@ from fintune.data import load_splits
 from fintune.errors import ArtifactError
 from fintune.model.card import is_trained
 from fintune.model.inference import SentimentClassifier, merge_adapter_in_fp32
+from fintune.model.loading import resolve_base
+from fintune.model.quantization import load_base
 from fintune.model.training import last_checkpoint, run_mean_loss, train
 
 pytestmark = pytest.mark.slow
@@ -139,3 +141,15 @@ def test_adapter_is_merged_in_fp32_and_rounded_once() -> None:
     merged = merge_adapter_in_fp32(lora_model(), torch.bfloat16)
     assert torch.equal(merged[0].weight, expected)
     assert not torch.equal(lora_model().merge_and_unload()[0].weight, expected)  # peft's bf16 merge rounds twice
+
+
+def test_the_attention_setting_picks_the_kernel_and_not_the_scores(tiny_settings: Settings) -> None:
+    source = resolve_base(tiny_settings.model, tiny_settings.cache_dir)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    logits = {}
+    for attention in ("sdpa", "eager"):
+        model = load_base(source, tiny_settings.model.model_copy(update={"attention": attention}))
+        assert model.config._attn_implementation == attention
+        with torch.inference_mode():
+            logits[attention] = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=2e-2, atol=2e-2)

@@ -38,7 +38,7 @@ def test_the_cache_builds_once_and_the_base_scores_a_sentence(cpu_settings: Sett
     assert Path(resolve_base(cpu_settings.model, cpu_settings.cache_dir)) == source  # reused, not rebuilt
     assert (source / "model.safetensors").stat().st_mtime_ns == built
 
-    model = load_base(str(source), cpu_settings.model.quantization)  # NF4 on CPU
+    model = load_base(str(source), cpu_settings.model)  # NF4 on CPU
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     classifier = SentimentClassifier(
         model, load_tokenizer(str(source)), cpu_settings.model.training.prompt_template,

@@ -103,7 +103,7 @@ class SentimentClassifier:
         model_settings = ModelSettings.model_validate(card["model_settings"])
         inference = settings.model.inference
         merge = inference.merge_adapter if merge is None else merge
-        base = load_base(resolve_base(model_settings, settings.cache_dir), model_settings.quantization)
+        base = load_base(resolve_base(model_settings, settings.cache_dir), model_settings)
         if merge and model_settings.quantization.load_in_4bit:
             base = base.dequantize(dtype=torch_dtype(inference.dtype))
         elif model_settings.quantization.load_in_4bit and inference.upcast_unquantized:

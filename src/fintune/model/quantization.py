@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
-from fintune.config import QuantizationSettings
+from fintune.config import ModelSettings, QuantizationSettings
 from fintune.errors import ModelError
 
 BLOCK_SIZE = 64
@@ -41,10 +41,11 @@ def bnb_config(quant: QuantizationSettings) -> BitsAndBytesConfig | None:
     )
 
 
-def load_base(source: str, quant: QuantizationSettings) -> PreTrainedModel:
+def load_base(source: str, model: ModelSettings) -> PreTrainedModel:
     """The base causal LM from a hub id or folder, quantized to 4 bits when the profile says so."""
+    quant = model.quantization
     config = bnb_config(quant)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(quant.compute_dtype)}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(quant.compute_dtype), "attn_implementation": model.attention}
     if config is not None:
         kwargs["quantization_config"] = config
         kwargs["device_map"] = {"": _device()}

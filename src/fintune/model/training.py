@@ -133,7 +133,7 @@ def train(
     started = time.perf_counter()
     source = resolve_base(model_cfg, settings.cache_dir)
     tokenizer = load_tokenizer(source)
-    model = load_base(source, model_cfg.quantization)
+    model = load_base(source, model_cfg)
     if model_cfg.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=model_cfg.training.gradient_checkpointing

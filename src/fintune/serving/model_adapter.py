@@ -165,7 +165,7 @@ def _untuned(settings: Settings) -> Any:
     from fintune.model.quantization import load_base, torch_dtype
 
     source = resolve_base(settings.model, settings.cache_dir)
-    base = load_base(source, settings.model.quantization)
+    base = load_base(source, settings.model)
     inference = settings.model.inference
     if inference.merge_adapter and settings.model.quantization.load_in_4bit:
         base = base.dequantize(dtype=torch_dtype(inference.dtype))  # the fast path, as with a merged adapter
