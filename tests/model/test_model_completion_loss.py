@@ -46,3 +46,9 @@ def test_only_labelled_positions_reach_the_head_and_nothing_else_changes(monkeyp
     for labelled, every in zip(labelled_grads, every_grads, strict=True):
         torch.testing.assert_close(labelled, every)
     assert trl_utils._use_triton(torch.device("cpu")) is False  # restored after the block
+
+
+def test_a_trl_without_the_switch_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    with loss_on_completion_positions_only() as switched:
+        assert not switched and not hasattr(trl_utils, "_use_triton")

@@ -107,6 +107,7 @@ def loss_on_completion_positions_only() -> Iterator[bool]:
     """
     original = getattr(trl_utils, "_use_triton", None)
     if original is None:
+        logger.info("this TRL has no _use_triton switch: its fused head decides which positions it scores")
         yield False
         return
     trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
