@@ -146,9 +146,10 @@ def train(
         processing_class=tokenizer,
         peft_config=lora_config(model_cfg.lora),
     )
-    resumed_from = checkpoint_step(last_checkpoint(out)) if resume else 0
-    if resume:
-        logger.info("resuming from %s", last_checkpoint(out))
+    checkpoint = last_checkpoint(out) if resume else None
+    resumed_from = checkpoint_step(checkpoint)
+    if checkpoint:
+        logger.info("resuming from %s", checkpoint)
     with loss_on_completion_positions_only():
         train_output = trainer.train(resume_from_checkpoint=True if resume else None)
     train_seconds = time.perf_counter() - started
