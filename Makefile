@@ -27,11 +27,15 @@ install: $(STAMP) ## Create .venv and install everything (fast when already done
 PROFILE ?= cpu
 # one model folder per profile, suffixed by the subset when it is not the default: one never replaces the other
 MODEL   := outputs/models/$(PROFILE)$(if $(filter-out 50agree,$(SUBSET)),-$(SUBSET),)
+# the encoder learns from the cpu profile's model (configs/encoder.yaml: distill_from), trained first when absent
+TEACHER := outputs/models/cpu$(if $(filter-out 50agree,$(SUBSET)),-$(SUBSET),)
+TEACH   := $(if $(filter encoder,$(PROFILE)),--teacher $(TEACHER),)
 
 run: install ## The main job: data check, baselines, fine-tune (once), evaluate, then serve
 	$(BIN)/fintune data
 	$(BIN)/fintune baselines --subset $(SUBSET)
-	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --output-dir $(MODEL) --skip-if-trained
+	$(if $(TEACH),$(BIN)/fintune train --profile cpu --subset $(SUBSET) --output-dir $(TEACHER) --skip-if-trained)
+	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --output-dir $(MODEL) --skip-if-trained $(TEACH)
 	$(BIN)/fintune evaluate --profile $(PROFILE) --model $(MODEL) --subset $(SUBSET)
 	$(BIN)/fintune serve --profile $(PROFILE) --model $(MODEL)
 

@@ -6,7 +6,8 @@ This module owns every knob of the project. Each concern reads its own section (
 Precedence, highest first:
 
 1. environment variables: ``FINTUNE_<FIELD>`` for top-level fields (``FINTUNE_DATA_DIR``) and
-   ``FINTUNE_<SECTION>__<FIELD>`` for nested ones (``FINTUNE_MONITORING__DRIFT_THRESHOLD=0.2``);
+   ``FINTUNE_<SECTION>__<FIELD>`` for nested ones (``FINTUNE_MONITORING__DRIFT_THRESHOLD=0.2``); the value
+   ``null`` sets a field to None (``FINTUNE_MODEL__ENCODER__DISTILL_FROM=null``);
 2. the profile's YAML file, ``configs/<profile>.yaml`` (or any path to a ``.yaml`` file);
 3. the defaults documented on the fields below.
 
@@ -192,6 +193,21 @@ class EncoderSettings(Section):
     learning_rate: float = Field(1e-4, gt=0, description="Peak AdamW learning rate (linear decay).")
     max_length: int = Field(96, ge=8, description="Tokens kept per sentence.")
     max_steps: int = Field(-1, description="Stop after this many steps; -1 trains for `epochs`.")
+    length_pool: int = Field(
+        8, ge=1, description="Training batches are cut from pools of this many batches' worth of shuffled "
+        "sentences, each pool sorted by length (less padding; the batches are then shuffled). 1: plain shuffled "
+        "batches."
+    )
+    distill_from: str | None = Field(
+        None,
+        description="Profile of a teacher model (its folder <output_dir>/models/<profile>, or `fintune train "
+        "--teacher DIR`): the encoder also learns the teacher's calibrated probabilities on the training split "
+        "(knowledge distillation, Hinton et al., 2015). The teacher must be trained on the same data. None: labels "
+        "only.",
+    )
+    distill_weight: float = Field(
+        0.9, ge=0, le=1, description="Share of the loss taken from the teacher's probabilities (the rest: labels)."
+    )
     inference_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
         description="Weights dtype of a trained encoder when it predicts (training is always fp32). auto: bf16 on "
@@ -504,7 +520,7 @@ class Settings(BaseSettings):
     """Everything FinTune can be told, as one profile. Build it with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FINTUNE_", env_nested_delimiter="__", extra="forbid", frozen=True
+        env_prefix="FINTUNE_", env_nested_delimiter="__", env_parse_none_str="null", extra="forbid", frozen=True
     )
 
     profile: str = Field(DEFAULT_PROFILE, description="Name of the profile these settings came from.")

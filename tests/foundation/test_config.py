@@ -36,6 +36,14 @@ def test_environment_overrides_profile(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert settings.data.subset == "allagree"
 
 
+def test_null_in_the_environment_unsets_an_optional_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings("encoder").model.encoder.distill_from == "cpu"
+    monkeypatch.setenv("FINTUNE_MODEL__ENCODER__DISTILL_FROM", "null")
+    monkeypatch.setenv("FINTUNE_MODEL__GGUF_PACKAGE", "null")
+    assert load_settings("encoder").model.encoder.distill_from is None
+    assert load_settings("cpu").model.gguf_package is None
+
+
 def test_fintune_profile_picks_the_profile_and_explicit_name_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINTUNE_PROFILE", "tiny-mistral")
     assert load_settings().profile == "tiny-mistral"

@@ -81,9 +81,10 @@ def test_a_model_folder_without_a_trained_model_is_refused(
 
 @pytest.mark.slow
 def test_classify_serves_the_model_folder_it_is_given(
-    offline_env: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+    offline_env: None, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     folder = tmp_path / "trained-encoder"
+    monkeypatch.setenv("FINTUNE_MODEL__ENCODER__DISTILL_FROM", "null")  # labels only: no trained teacher here
     assert main(["train", "--profile", "encoder", "--output-dir", str(folder), "--max-steps", "1"]) == 0
     capfd.readouterr()
     assert main(["classify", "--profile", "encoder", "--model", str(folder), "Sales rose 5 %."]) == 0

