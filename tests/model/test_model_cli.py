@@ -86,3 +86,19 @@ def test_overwrite_also_clears_an_interrupted_run(tiny_env: Path, capsys: pytest
     assert "checkpoints of another run" in capsys.readouterr().err
     assert main([*args, "--overwrite"]) == 0
     assert json.loads((model_dir / "fintune.json").read_text())["resumed"] is False
+
+
+def test_the_encoder_trains_from_the_teacher_it_is_given_and_says_when_it_has_none(
+    tiny_env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    teacher, student = tiny_env / "teacher", tiny_env / "student"
+    assert main(["train", "--profile", "tiny-mistral", "--output-dir", str(teacher), "--max-steps", "1"]) == 0
+    encoder = ["train", "--profile", "encoder", "--output-dir", str(student), "--max-steps", "1"]
+    assert main(encoder) != 0  # the profile's teacher, <output_dir>/models/cpu, was never trained here
+    assert "fintune train --profile cpu" in capsys.readouterr().err
+    assert main([*encoder, "--teacher", str(teacher)]) == 0
+    card = json.loads((student / "fintune.json").read_text())
+    assert card["distillation"]["teacher"] == str(teacher) and card["distillation"]["teacher_profile"] == "tiny-mistral"
+    capsys.readouterr()
+    assert main(["train", "--profile", "tiny-mistral", "--teacher", str(teacher)]) != 0
+    assert "only the encoder" in capsys.readouterr().err
