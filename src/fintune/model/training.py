@@ -151,7 +151,7 @@ def train(
     if checkpoint:
         logger.info("resuming from %s", checkpoint)
     with loss_on_completion_positions_only():
-        train_output = trainer.train(resume_from_checkpoint=True if resume else None)
+        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     # without accelerate's bf16-autocast wrapper: the saved adapter is then scored exactly as it is reloaded
     peft_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
