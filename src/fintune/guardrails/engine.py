@@ -9,6 +9,10 @@ The recognizers read a copy of the text normalised one character for one charact
 Unicode spaces and line breaks to a space, dashes to "-", non-ASCII digits to ASCII), so a card or SSN pasted
 with no-break spaces, en dashes, full-width digits or over several lines is found; the offsets are the same,
 and the original text is what gets masked.
+
+A text in which no registered recognizer's declared evidence is present (``recognizers.EVIDENCE``: fewer digits
+than any of them needs, no "@") is not analysed at all: nothing in it could be flagged, and spaCy plus
+python-phonenumbers are most of the guard's time.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from presidio_anonymizer.entities import OperatorConfig
 from fintune import LABELS
 from fintune.config import GuardrailSettings
 from fintune.errors import GuardrailError
-from fintune.guardrails.recognizers import build_recognizers, supported_entities
+from fintune.guardrails.recognizers import build_recognizers, count_digits, evidence_of, supported_entities
 from fintune.guardrails.result import GuardrailResult
 
 ENGINE_FIELDS = frozenset({"entities", "spacy_model", "language", "default_score_threshold", "score_thresholds",
@@ -48,6 +52,7 @@ class PIIGuard:
         self.batch_analyzer = BatchAnalyzerEngine(analyzer_engine=self.analyzer)
         self.anonymizer = AnonymizerEngine()
         self._operators = {"DEFAULT": OperatorConfig("replace")}
+        self._evidence = {evidence_of(recognizer) for recognizer in self.analyzer.registry.recognizers}
 
     @classmethod
     def from_settings(cls, settings: GuardrailSettings) -> PIIGuard:
@@ -59,19 +64,32 @@ class PIIGuard:
                 analyzer = _ANALYZERS[key] = build_analyzer(settings)
         return cls(settings, analyzer)
 
+    def could_hold_pii(self, text: str) -> bool:
+        """False when no registered recognizer could flag anything in ``text`` (a text as :func:`for_detection`
+        returns it), so analysing it is wasted time."""
+        digits = count_digits(text)
+        return any(evidence.present_in(text, digits) for evidence in self._evidence)
+
     def detect(self, text: str) -> list[RecognizerResult]:
         """Non-overlapping PII spans in ``text`` (in-process only: these offsets never leave the guard's caller)."""
-        return merge_overlaps(self.analyzer.analyze(text=for_detection(text), language=self.settings.language,
+        prepared = for_detection(text)
+        if not self.could_hold_pii(prepared):
+            return []
+        return merge_overlaps(self.analyzer.analyze(text=prepared, language=self.settings.language,
                                                     entities=self.settings.entities))
 
     def detect_batch(self, texts: Sequence[str]) -> list[list[RecognizerResult]]:
-        """:meth:`detect` for many texts, running spaCy once over them all (``nlp.pipe``)."""
-        found = self.batch_analyzer.analyze_iterator(
-            texts=[for_detection(text) for text in texts], language=self.settings.language,
-            entities=self.settings.entities,
-            batch_size=self.settings.batch_size,
-        )
-        return [merge_overlaps(results) for results in found]
+        """:meth:`detect` for many texts, running spaCy once over those that could hold PII (``nlp.pipe``)."""
+        prepared = [for_detection(text) for text in texts]
+        candidates = [index for index, text in enumerate(prepared) if self.could_hold_pii(text)]
+        found: dict[int, list[RecognizerResult]] = {}
+        if candidates:
+            analysed = self.batch_analyzer.analyze_iterator(
+                texts=[prepared[index] for index in candidates], language=self.settings.language,
+                entities=self.settings.entities, batch_size=self.settings.batch_size,
+            )
+            found = dict(zip(candidates, analysed, strict=True))
+        return [merge_overlaps(found.get(index, [])) for index in range(len(texts))]
 
     def redact(self, text: str) -> GuardrailResult:
         """``text`` with every PII span replaced by its type (``<CREDIT_CARD>``), as a :class:`GuardrailResult`."""
