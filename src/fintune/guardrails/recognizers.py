@@ -184,6 +184,7 @@ class ExtraPhoneRecognizer(DeclarativeRecognizer):
     (or mis-decoded) separators, and any 7-15 digit number right after a phone word."""
 
     ENTITY = "PHONE_NUMBER"
+    MIN_DIGITS, MAX_DIGITS = 7, 15  # E.164's limits
     PATTERNS = [
         Pattern(
             "international +CC",
@@ -203,7 +204,7 @@ class ExtraPhoneRecognizer(DeclarativeRecognizer):
     def validate_result(self, pattern_text: str) -> bool | None:
         """Reject matches with fewer than 7 or more than 15 digits (E.164's limits)."""
         digits = sum(c.isdigit() for c in pattern_text)
-        return None if 7 <= digits <= 15 else False
+        return None if self.MIN_DIGITS <= digits <= self.MAX_DIGITS else False
 
 
 class AccountNumberRecognizer(DeclarativeRecognizer):
@@ -269,7 +270,7 @@ EVIDENCE: dict[str, Evidence] = {
     "OfflineEmailRecognizer": Evidence(characters="@"),
     # both phone recognizers drop matches with fewer than 7 digits (is_plausible, validate_result)
     "FinancialPhoneRecognizer": Evidence(min_digits=FinancialPhoneRecognizer.MIN_DIGITS),
-    "ExtraPhoneRecognizer": Evidence(min_digits=7),
+    "ExtraPhoneRecognizer": Evidence(min_digits=ExtraPhoneRecognizer.MIN_DIGITS),
     # two letters, then the two check digits; the rest may be letters
     "CaseBlindIbanRecognizer": Evidence(min_digits=2),
     "UsBankRecognizer": Evidence(min_digits=8),
