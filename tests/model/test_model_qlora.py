@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
+from safetensors.torch import load_file
 
 from fintune import LABELS
 from fintune.config import Settings
@@ -80,6 +83,33 @@ def test_resumes_from_its_last_checkpoint(tiny_settings: Settings) -> None:
         train(other, output_dir=out, max_steps=3, splits=splits)
     with pytest.raises(ArtifactError, match="checkpoints of another run"):
         train(tiny_settings, output_dir=out, max_steps=3, splits=load_splits(tiny_settings, "allagree"))
+
+
+@pytest.mark.parametrize("plan", [{"max_steps": 2}, {"max_steps": -1, "epochs": 0.25}], ids=["steps", "epochs"])
+def test_a_run_killed_after_its_last_checkpoint_ends_there_without_another_step(
+    tiny_settings: Settings, tmp_path: Path, plan: dict[str, float]
+) -> None:
+    training = tiny_settings.model.training.model_copy(update=plan)
+    settings = tiny_settings.model_copy(
+        update={"model": tiny_settings.model.model_copy(update={"training": training})}
+    )
+    splits = load_splits(settings)
+    finished = train(settings, splits=splits)
+    killed = tmp_path / "killed"  # the checkpoints, but not the adapter and card written after the last one
+    shutil.copytree(finished.output_dir / "checkpoints", killed / "checkpoints")
+    last = last_checkpoint(killed)
+    assert last is not None and last.name == f"checkpoint-{finished.card['global_steps']}"
+
+    again = train(settings, output_dir=killed, splits=splits)
+    assert again.card["resumed"] is True
+    assert again.card["global_steps"] == finished.card["global_steps"]
+    assert last_checkpoint(killed) == last  # no step past the plan, so no newer checkpoint
+    assert again.card["train_loss"] == finished.card["train_loss"]
+    saved, expected = (load_file(str(d / "adapter_model.safetensors")) for d in (killed, finished.output_dir))
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[name], expected[name]) for name in expected)
+    texts = [ex.text for ex in splits.test]
+    np.testing.assert_array_equal(again.classifier.predict_proba(texts), finished.classifier.predict_proba(texts))
 
 
 def test_run_mean_loss_weights_the_logged_intervals_before_a_resume() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +23,9 @@ from typing import Any
 import torch
 import trl.trainer.utils as trl_utils
 from datasets import Dataset
-from peft import prepare_model_for_kbit_training
-from transformers import set_seed
+from peft import prepare_model_for_kbit_training, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import TrainerState, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from fintune import LABELS
@@ -148,10 +150,15 @@ def train(
     )
     checkpoint = last_checkpoint(out) if resume else None
     resumed_from = checkpoint_step(checkpoint)
-    if checkpoint:
-        logger.info("resuming from %s", checkpoint)
-    with loss_on_completion_positions_only():
-        train_output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    session_loss = 0.0
+    if checkpoint and resumed_from >= planned_steps(trainer):
+        logger.info("%s already holds the run's last step: nothing left to train", checkpoint)
+        restore_finished_run(trainer, checkpoint)
+    else:
+        if checkpoint:
+            logger.info("resuming from %s", checkpoint)
+        with loss_on_completion_positions_only():
+            session_loss = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None).training_loss
     train_seconds = time.perf_counter() - started
     # without accelerate's bf16-autocast wrapper: the saved adapter is then scored exactly as it is reloaded
     peft_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -178,7 +185,7 @@ def train(
         "memory_footprint_bytes": int(peft_model.get_memory_footprint()),
         "global_steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
-        "train_loss": round(run_mean_loss(trainer.state.log_history, train_output.training_loss, resumed_from,
+        "train_loss": round(run_mean_loss(trainer.state.log_history, session_loss, resumed_from,
                                           trainer.state.global_step), 4),
         "train_seconds": round(train_seconds, 1),
         "resumed": resume,
@@ -226,6 +233,27 @@ def last_checkpoint(out: Path) -> Path | None:
     """The newest ``checkpoint-N`` folder of a run, if any."""
     folders = [p for p in (out / CHECKPOINT_DIR).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
     return max(folders, key=checkpoint_step, default=None)
+
+
+def planned_steps(trainer: SFTTrainer) -> int:
+    """The optimizer step the run ends at: ``max_steps`` when set, else the epochs' worth of steps, counted
+    as transformers counts them (a last partial accumulation is a step)."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return int(args.max_steps)
+    per_epoch = max(math.ceil(len(trainer.get_train_dataloader()) / args.gradient_accumulation_steps), 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def restore_finished_run(trainer: SFTTrainer, checkpoint: Path) -> None:
+    """Load the adapter and trainer state of a checkpoint that already holds the run's last step.
+
+    ``trainer.train(resume_from_checkpoint=...)`` would train one more step first (transformers checks the step
+    limit only after a step), so a run killed between its last checkpoint and its adapter would come back one
+    step past the plan. Restoring instead leaves exactly the weights that checkpoint saved.
+    """
+    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
 def checkpoint_step(checkpoint: Path | None) -> int:
