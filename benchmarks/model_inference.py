@@ -1,10 +1,14 @@
 """Inference paths of a trained QLoRA adapter; writes benchmarks/results/model_inference_<profile>.json.
 
-Scores the test split with the same adapter four ways and compares them with the unmerged NF4 model (the model
+Scores the test split with the same adapter six ways and compares them with the unmerged NF4 model (the model
 exactly as it was trained):
 
 * ``nf4``: the NF4 base + the LoRA adapter, unmerged, embeddings/norms/head in fp32 as in training (the reference);
 * ``nf4_bf16``: the same with embeddings/norms/head left in bf16 (``inference.upcast_unquantized: false``);
+* ``decoded``: each 4-bit layer's weights decoded once at load (bf16, the compute dtype), embeddings/norms/head
+  in fp32, the adapter unmerged (``inference.dequantize_base: true``): what ``nf4`` computes, without decoding
+  on every call;
+* ``decoded_bf16``: the same with embeddings/norms/head in bf16;
 * ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it in fp32, bf16 weights;
 * ``merged_fp32``: the same in float32.
 
@@ -12,8 +16,8 @@ For the profile's own path, also random 16-sentence groups (what the service's m
 scored with the profile's ``inference.min_length_ratio`` and as one padded batch per group.
 
 For each: milliseconds per sentence in length buckets (``inference.batch_size``; median of ``--repeats``
-passes), single-sentence p50, and the share of test sentences whose label agrees with the NF4 reference, plus
-the largest probability gap.
+passes), single-sentence p50, the weights' memory (parameters and buffers), and the share of test sentences
+whose label agrees with the NF4 reference, plus the largest probability gap.
 
 Run: ``.venv/bin/python benchmarks/model_inference.py --model outputs/models/cpu``
 """
@@ -62,6 +66,7 @@ def score(
         "single_p95_ms": latency["p95_ms"],
         "accuracy": quality["accuracy"],
         "macro_f1": quality["macro_f1"],
+        "weights_mib": round(classifier.model.get_memory_footprint() / 2**20, 1),
     }
 
 
@@ -69,7 +74,8 @@ def profile_path(inference: InferenceSettings) -> str:
     """Which of the measured paths the profile serves."""
     if inference.merge_adapter:
         return "merged_bf16" if inference.dtype == "bfloat16" else "merged_fp32"
-    return "nf4" if inference.upcast_unquantized else "nf4_bf16"
+    path = "decoded" if inference.dequantize_base else "nf4"
+    return path if inference.upcast_unquantized else f"{path}_bf16"
 
 
 def mixed_groups(classifier: SentimentClassifier, texts: list[str], size: int, groups: int) -> dict[str, Any]:
@@ -115,12 +121,15 @@ def main() -> None:
     paths = {
         "nf4": dict(merge=False, upcast_unquantized=True),
         "nf4_bf16": dict(merge=False, upcast_unquantized=False),
+        "decoded": dict(merge=False, dequantize_base=True, upcast_unquantized=True),
+        "decoded_bf16": dict(merge=False, dequantize_base=True, upcast_unquantized=False),
         "merged_bf16": dict(merge=True, dtype="bfloat16"),
         "merged_fp32": dict(merge=True, dtype="float32"),
     }
     results: dict[str, Any] = {}
     for name, how in paths.items():
-        update = {"dtype": how.get("dtype", "bfloat16"), "upcast_unquantized": how.get("upcast_unquantized", True)}
+        update = {"dtype": how.get("dtype", "bfloat16"), "upcast_unquantized": how.get("upcast_unquantized", True),
+                  "dequantize_base": how.get("dequantize_base", False)}
         inference = settings.model.inference.model_copy(update=update)
         model_settings = settings.model.model_copy(update={"inference": inference})
         path_settings = settings.model_copy(update={"model": model_settings})

@@ -153,6 +153,42 @@ def test_compute_dtype_path_keeps_no_fp32_weights_and_scores_like_the_trained_mo
     np.testing.assert_allclose(fast.predict_proba(texts), exact.predict_proba(texts), atol=0.02)
 
 
+def test_decoded_path_computes_what_nf4_computes_and_keeps_the_adapter_apart(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.nn.modules as bnb_modules
+    from peft.tuners.lora import LoraLayer
+
+    from fintune.model.quantization import DecodedLinear
+
+    out = train(tiny_settings, max_steps=1, splits=load_splits(tiny_settings)).output_dir
+    texts = [ex.text for ex in load_splits(tiny_settings).test]
+
+    def loaded(**update: object) -> SentimentClassifier:
+        inference = tiny_settings.model.inference.model_copy(update=update)
+        model = tiny_settings.model.model_copy(update={"inference": inference})
+        return SentimentClassifier.from_pretrained(out, tiny_settings.model_copy(update={"model": model}), merge=False)
+
+    # bitsandbytes decodes on every call, then multiplies with torch (its fused AVX512-BF16 kernel, where the
+    # CPU has one, sums in another order): the decoded path must give exactly the same scores
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+    for upcast in (True, False):
+        nf4 = loaded(upcast_unquantized=upcast)
+        decoded = loaded(upcast_unquantized=upcast, dequantize_base=True)
+        assert not any(isinstance(m, Linear4bit) for m in decoded.model.modules())
+        assert any(isinstance(m, DecodedLinear) for m in decoded.model.modules())
+        assert any(isinstance(m, LoraLayer) for m in decoded.model.modules())  # unmerged
+        assert (torch.float32 in {p.dtype for p in decoded.model.parameters()}) is upcast
+        np.testing.assert_array_equal(decoded.predict_proba(texts), nf4.predict_proba(texts))
+
+    source = resolve_base(tiny_settings.model, tiny_settings.cache_dir)
+    quantized = load_base(source, tiny_settings.model).model.layers[0].self_attn.q_proj
+    expected = bnb_functional.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state)
+    layer = decoded.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert torch.equal(layer.weight, expected.to(torch.bfloat16))
+
+
 def test_adapter_is_merged_in_fp32_and_rounded_once() -> None:
     from peft import LoraConfig, get_peft_model
 

@@ -1,4 +1,4 @@
-"""The 4-bit base model: bitsandbytes NF4 configuration, quantized loading and analytic memory.
+"""The 4-bit base model: bitsandbytes NF4 configuration, quantized loading, decoding for inference, analytic memory.
 
 NF4 (bitsandbytes) stores each linear weight in 4 bits with one absmax constant per 64-weight block; with
 double quantization those constants are themselves 8-bit with one fp32 constant per 256 blocks. Embeddings,
@@ -60,6 +60,37 @@ def load_base(source: str, model: ModelSettings) -> PreTrainedModel:
 def _device() -> str:
     """Where the quantized weights live: the GPU when there is one, else the CPU (bitsandbytes >= 0.45)."""
     return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+class DecodedLinear(nn.Linear):
+    """A 4-bit linear layer with its weights decoded once: it multiplies in the weights' dtype and answers in
+    its input's dtype, as bitsandbytes' ``Linear4bit`` does after decoding them on every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` in the weights' dtype, returned in ``x``'s dtype."""
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
+
+
+def decode_4bit_layers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every bitsandbytes 4-bit linear layer of ``model`` by a :class:`DecodedLinear` holding the weights
+    that layer decodes (NF4 values times their block constants) in ``dtype``; every other parameter is kept.
+
+    Call it before the first forward pass: on CPUs with AVX512-BF16 bitsandbytes repacks 4-bit weights for its
+    own kernel at the first evaluation call.
+    """
+    import bitsandbytes as bnb  # only the QLoRA path gets here; the encoder backend never imports it
+
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, bnb.nn.Linear4bit):
+            continue
+        decoded = DecodedLinear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        decoded.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if layer.bias is not None:
+            decoded.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, decoded)
+    return model
 
 
 def analytic_memory(model: nn.Module, quant: QuantizationSettings) -> dict[str, int]:

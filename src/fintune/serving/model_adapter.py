@@ -160,15 +160,14 @@ def load_classifier(settings: Settings) -> BatchClassifier:
 
 def _untuned(settings: Settings) -> Any:
     """A SentimentClassifier over the profile's base model without an adapter (label-constrained zero-shot)."""
-    from fintune.model.inference import SentimentClassifier
+    from fintune.model.inference import SentimentClassifier, prepare_base
     from fintune.model.loading import load_tokenizer, resolve_base
-    from fintune.model.quantization import load_base, torch_dtype
+    from fintune.model.quantization import load_base
 
     source = resolve_base(settings.model, settings.cache_dir)
-    base = load_base(source, settings.model)
     inference = settings.model.inference
-    if inference.merge_adapter and settings.model.quantization.load_in_4bit:
-        base = base.dequantize(dtype=torch_dtype(inference.dtype))  # the fast path, as with a merged adapter
+    # the profile's inference path, as with a trained adapter
+    base = prepare_base(load_base(source, settings.model), settings.model, inference, inference.merge_adapter)
     return SentimentClassifier(base, load_tokenizer(source), settings.model.training.prompt_template, inference)
 
 
