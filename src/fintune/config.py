@@ -151,7 +151,9 @@ class InferenceSettings(Section):
         "0: never split).",
     )
     merge_adapter: bool = Field(
-        True, description="De-quantize the NF4 base and merge the adapter into it (fast path); False: NF4 + adapter."
+        True,
+        description="De-quantize the NF4 base and merge the adapter into it (fast path); False: the adapter stays "
+        "apart, on the NF4 base or on its decoded weights (`dequantize_base`).",
     )
     dequantize_base: bool = Field(
         False,
