@@ -16,6 +16,7 @@ def machine() -> dict[str, Any]:
     """CPU model, core count, memory, OS and Python of this machine."""
     return {
         "cpu": _cpu_model(),
+        "cpu_features": _cpu_features(),
         "cores": os.cpu_count(),
         "memory_gb": _memory_gb(),
         "platform": platform.platform(),
@@ -60,6 +61,20 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+MATMUL_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+"""CPU flags that decide how fast bf16 and fp32 matrix products run (two Xeons may share one model name)."""
+
+
+def _cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Which of :data:`MATMUL_FEATURES` this CPU reports in ``cpuinfo`` (empty where it cannot tell)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as info:
+            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [name for name in MATMUL_FEATURES if name in flags]
 
 
 def _memory_gb() -> float | None:
