@@ -122,14 +122,6 @@ class TrainingSettings(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about 30 % slower."
     )
-    dequantize_base: bool = Field(
-        False,
-        description="Decode each frozen 4-bit layer's weights once before training (in the quantization's compute "
-        "dtype) instead of on every forward and backward call. The adapter still learns the NF4-rounded weights: "
-        "loss, gradients and adapter come out bit-identical (a test proves it), faster where decoding is a large "
-        "share of a step (CPUs); the base then holds 2 bytes a weight instead of ~0.5, so leave it off where 4-bit "
-        "memory is the point (a 7B base on one GPU).",
-    )
     bf16: bool = Field(
         True, description="Train under bf16 autocast (TRL's default; fast on GPUs and CPUs with AMX/AVX512-BF16)."
     )

@@ -89,7 +89,10 @@ def test_resumes_from_its_last_checkpoint(tiny_settings: Settings) -> None:
 def test_a_run_killed_after_its_last_checkpoint_ends_there_without_another_step(
     tiny_settings: Settings, tmp_path: Path, plan: dict[str, float]
 ) -> None:
-    settings = with_training(tiny_settings, **plan)
+    training = tiny_settings.model.training.model_copy(update=plan)
+    settings = tiny_settings.model_copy(
+        update={"model": tiny_settings.model.model_copy(update={"training": training})}
+    )
     splits = load_splits(settings)
     finished = train(settings, splits=splits)
     killed = tmp_path / "killed"  # the checkpoints, but not the adapter and card written after the last one
@@ -107,31 +110,6 @@ def test_a_run_killed_after_its_last_checkpoint_ends_there_without_another_step(
     assert all(torch.equal(saved[name], expected[name]) for name in expected)
     texts = [ex.text for ex in splits.test]
     np.testing.assert_array_equal(again.classifier.predict_proba(texts), finished.classifier.predict_proba(texts))
-
-
-def test_training_on_weights_decoded_once_gives_the_adapter_nf4_training_gives(
-    tiny_settings: Settings, tmp_path: Path
-) -> None:
-    from fintune.model.quantization import DecodedLinear
-
-    splits = load_splits(tiny_settings)
-    nf4 = train(tiny_settings, output_dir=tmp_path / "nf4", max_steps=2, splits=splits)
-    decoded = train(with_training(tiny_settings, dequantize_base=True), output_dir=tmp_path / "decoded",
-                    max_steps=2, splits=splits)
-    assert any(isinstance(m, Linear4bit) for m in nf4.classifier.model.modules())
-    assert not any(isinstance(m, Linear4bit) for m in decoded.classifier.model.modules())
-    assert any(isinstance(m, DecodedLinear) for m in decoded.classifier.model.modules())
-    assert decoded.card["model_settings"]["training"]["dequantize_base"] is True
-    assert decoded.card["train_loss"] == nf4.card["train_loss"]
-    saved, expected = (load_file(str(r.output_dir / "adapter_model.safetensors")) for r in (decoded, nf4))
-    assert saved.keys() == expected.keys()
-    assert all(torch.equal(saved[name], expected[name]) for name in expected)  # bit for bit
-
-
-def with_training(settings: Settings, **update: object) -> Settings:
-    """``settings`` with some training settings changed."""
-    training = settings.model.training.model_copy(update=update)
-    return settings.model_copy(update={"model": settings.model.model_copy(update={"training": training})})
 
 
 def test_run_mean_loss_weights_the_logged_intervals_before_a_resume() -> None:

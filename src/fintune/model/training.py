@@ -39,7 +39,7 @@ from fintune.model.inference import SentimentClassifier
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.lora import count_parameters, lora_config
 from fintune.model.plots import plot_loss_curve
-from fintune.model.quantization import decode_4bit_layers, load_base, torch_dtype
+from fintune.model.quantization import load_base
 from fintune.monitoring.drift import save_drift_baseline
 from fintune.provenance import provenance
 
@@ -135,8 +135,19 @@ def train(
     set_seed(settings.seed)
     started = time.perf_counter()
     source = resolve_base(model_cfg, settings.cache_dir)
-    trainer = build_trainer(settings, splits, source, out, max_steps)
-    tokenizer = trainer.processing_class
+    tokenizer = load_tokenizer(source)
+    model = load_base(source, model_cfg)
+    if model_cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=model_cfg.training.gradient_checkpointing
+        )
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(model_cfg.training, out, settings.seed, max_steps),
+        train_dataset=records(splits.train, model_cfg.training.prompt_template),
+        processing_class=tokenizer,
+        peft_config=lora_config(model_cfg.lora),
+    )
     checkpoint = last_checkpoint(out) if resume else None
     resumed_from = checkpoint_step(checkpoint)
     session_loss = 0.0
@@ -185,26 +196,6 @@ def train(
     write_json(out / CARD_FILE, card)
     (out / "README.md").write_text(model_card(card), encoding="utf-8")
     return TrainingResult(out, card, classifier)
-
-
-def build_trainer(settings: Settings, splits: DataSplits, source: str, out: Path, max_steps: int | None) -> SFTTrainer:
-    """TRL's trainer over the profile's base from ``source``: 4-bit and prepared for k-bit training (its frozen
-    layers decoded once with ``training.dequantize_base``), the LoRA adapter, the training split's records."""
-    model_cfg = settings.model
-    model = load_base(source, model_cfg)
-    if model_cfg.quantization.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=model_cfg.training.gradient_checkpointing
-        )
-        if model_cfg.training.dequantize_base:
-            model = decode_4bit_layers(model, torch_dtype(model_cfg.quantization.compute_dtype))
-    return SFTTrainer(
-        model=model,
-        args=sft_config(model_cfg.training, out, settings.seed, max_steps),
-        train_dataset=records(splits.train, model_cfg.training.prompt_template),
-        processing_class=load_tokenizer(source),
-        peft_config=lora_config(model_cfg.lora),
-    )
 
 
 RUN_FILE = "run.json"
