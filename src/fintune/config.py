@@ -157,12 +157,16 @@ class InferenceSettings(Section):
     )
     dequantize_base: bool = Field(
         False,
-        description="Unmerged path: decode each 4-bit layer's weights once at load (in the quantization's compute "
-        "dtype) and keep the adapter apart. Every layer then multiplies by the weights it would otherwise decode "
-        "on each call, in the same dtypes, at 2 bytes a weight instead of ~0.5 (ignored with `merge_adapter`).",
+        description="Unmerged path: decode each 4-bit layer's weights once at load (in `dtype`) and keep the "
+        "adapter apart. In bfloat16 every layer then multiplies by the weights it would otherwise decode on each "
+        "call, in the same dtypes, at 2 bytes a weight instead of ~0.5 (ignored with `merge_adapter`).",
     )
     dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="Weights dtype of the merged model (ignored for the unmerged paths)."
+        "bfloat16",
+        description="Weights dtype of the merged model and of the decoded base (`dequantize_base`; the NF4 path "
+        "ignores it). bfloat16 is what training multiplied in; float32 holds the very same decoded values and "
+        "multiplies in fp32, not bit-identical to training and faster on CPUs whose bf16 products are slower than "
+        "fp32 ones (AVX512-BF16 without AMX: benchmarks/results/model_inference_cpu_*.json).",
     )
     upcast_unquantized: bool = Field(
         True,

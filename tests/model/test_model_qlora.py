@@ -185,8 +185,17 @@ def test_decoded_path_computes_what_nf4_computes_and_keeps_the_adapter_apart(
     source = resolve_base(tiny_settings.model, tiny_settings.cache_dir)
     quantized = load_base(source, tiny_settings.model).model.layers[0].self_attn.q_proj
     expected = bnb_functional.dequantize_4bit(quantized.weight.data, quantized.weight.quant_state)
+    assert expected.dtype == torch.bfloat16  # what training multiplied by
     layer = decoded.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
-    assert torch.equal(layer.weight, expected.to(torch.bfloat16))
+    assert torch.equal(layer.weight, expected)
+
+    # in fp32: the very same decoded values, multiplied in fp32 (close to the trained model, not bit-identical)
+    wide = loaded(dequantize_base=True, dtype="float32")
+    layer = wide.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, expected.float())
+    assert torch.bfloat16 not in {p.dtype for n, p in wide.model.named_parameters() if "lora_" not in n}
+    as_trained = loaded(upcast_unquantized=True).predict_proba(texts)
+    np.testing.assert_allclose(wide.predict_proba(texts), as_trained, atol=0.02)
 
 
 def test_adapter_is_merged_in_fp32_and_rounded_once() -> None:
