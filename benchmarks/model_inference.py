@@ -1,6 +1,6 @@
 """Inference paths of a trained QLoRA adapter; writes benchmarks/results/model_inference_<profile>.json.
 
-Scores the test split with the same adapter six ways and compares them with the unmerged NF4 model (the model
+Scores the test split with the same adapter seven ways and compares them with the unmerged NF4 model (the model
 exactly as it was trained):
 
 * ``nf4``: the NF4 base + the LoRA adapter, unmerged, embeddings/norms/head in fp32 as in training (the reference);
@@ -9,6 +9,8 @@ exactly as it was trained):
   in fp32, the adapter unmerged (``inference.dequantize_base: true``): what ``nf4`` computes, without decoding
   on every call;
 * ``decoded_bf16``: the same with embeddings/norms/head in bf16;
+* ``decoded_fp32``: ``decoded`` with the decoded weights held and multiplied in fp32 (``inference.dtype:
+  float32``): the same weight values, fp32 products;
 * ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it in fp32, bf16 weights;
 * ``merged_fp32``: the same in float32.
 
@@ -43,6 +45,16 @@ from fintune.model.inference import SentimentClassifier
 from fintune.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
+PATHS: dict[str, dict[str, Any]] = {
+    "nf4": dict(merge=False, upcast_unquantized=True),
+    "nf4_bf16": dict(merge=False, upcast_unquantized=False),
+    "decoded": dict(merge=False, dequantize_base=True, upcast_unquantized=True),
+    "decoded_bf16": dict(merge=False, dequantize_base=True, upcast_unquantized=False),
+    "decoded_fp32": dict(merge=False, dequantize_base=True, upcast_unquantized=True, dtype="float32"),
+    "merged_bf16": dict(merge=True, dtype="bfloat16"),
+    "merged_fp32": dict(merge=True, dtype="float32"),
+}
+"""Path name -> how its classifier is loaded (``merge``) and which inference settings it changes."""
 
 
 def score(
@@ -74,6 +86,8 @@ def profile_path(inference: InferenceSettings) -> str:
     """Which of the measured paths the profile serves."""
     if inference.merge_adapter:
         return "merged_bf16" if inference.dtype == "bfloat16" else "merged_fp32"
+    if inference.dequantize_base and inference.dtype == "float32":
+        return "decoded_fp32"
     path = "decoded" if inference.dequantize_base else "nf4"
     return path if inference.upcast_unquantized else f"{path}_bf16"
 
@@ -111,21 +125,20 @@ def main() -> None:
     parser.add_argument("--subset", default="50agree")
     parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="Batched passes over the test split (median kept).")
+    parser.add_argument("--paths", nargs="+", default=None,
+                        help="Only these paths (nf4, the reference, is always scored), each also timed on random "
+                        "16-sentence groups; default: all, the groups for the profile's path only.")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    unknown = set(args.paths or []) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown paths {sorted(unknown)}; choose from {sorted(PATHS)}")
+    paths = {name: how for name, how in PATHS.items() if not args.paths or name == "nf4" or name in args.paths}
     card = read_card(args.model)
     profile = card["profile"]
     settings = load_settings(profile)
     splits = load_splits(settings, args.subset)
     texts, labels = [ex.text for ex in splits.test], [ex.label for ex in splits.test]
-    paths = {
-        "nf4": dict(merge=False, upcast_unquantized=True),
-        "nf4_bf16": dict(merge=False, upcast_unquantized=False),
-        "decoded": dict(merge=False, dequantize_base=True, upcast_unquantized=True),
-        "decoded_bf16": dict(merge=False, dequantize_base=True, upcast_unquantized=False),
-        "merged_bf16": dict(merge=True, dtype="bfloat16"),
-        "merged_fp32": dict(merge=True, dtype="float32"),
-    }
     results: dict[str, Any] = {}
     for name, how in paths.items():
         update = {"dtype": how.get("dtype", "bfloat16"), "upcast_unquantized": how.get("upcast_unquantized", True),
@@ -135,7 +148,7 @@ def main() -> None:
         path_settings = settings.model_copy(update={"model": model_settings})
         classifier = SentimentClassifier.from_pretrained(args.model, path_settings, merge=how["merge"])
         results[name] = score(classifier, texts, labels, args.latency_samples, args.repeats)
-        if name == profile_path(settings.model.inference):
+        if name == profile_path(settings.model.inference) or name in (args.paths or []):
             results[name]["mixed_groups"] = mixed_groups(classifier, texts, size=16, groups=25)
         print(f"{name}: {results[name]['batch_ms_per_sentence']} ms/sentence batched, "
               f"accuracy {results[name]['accuracy']:.4f}", flush=True)
