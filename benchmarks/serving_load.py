@@ -243,12 +243,12 @@ async def fault_load(url: str, texts: list[str], clients: int, seconds: float, s
 
 
 def fault_run(profile: str, texts: list[str], clients: int, seconds: float, rate: float,
-              start_s: float, stop_s: float) -> dict[str, Any]:
+              start_s: float, stop_s: float, **common: str) -> dict[str, Any]:
     """60 s at 32 clients while the model fails a share of its batches between start_s and stop_s."""
     recovery_timeout = load_settings(profile).reliability.recovery_timeout_s
     print(f"fault run: {profile}, {clients} clients, {seconds:.0f} s, faults {rate:.0%} of model calls "
           f"from {start_s:.0f} s to {stop_s:.0f} s after ready", flush=True)
-    overrides = {"serving__faults__rate": str(rate), "serving__faults__start_s": str(start_s),
+    overrides = common | {"serving__faults__rate": str(rate), "serving__faults__start_s": str(start_s),
                  "serving__faults__stop_s": str(stop_s), "serving__faults__seed": "7"}
     with service(profile, f"{profile}-faults", **overrides) as url:
         ready_at = time.perf_counter()  # faults are counted from the moment the model got ready (about now)
@@ -289,8 +289,13 @@ def main() -> None:
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32], help="Concurrent clients.")
     parser.add_argument("--seconds", type=float, default=20.0, help="Length of each load level.")
     parser.add_argument("--fault-seconds", type=float, default=60.0, help="Length of the fault run (0: skip).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="A setting for every service started, as FINTUNE_<KEY> (model__inference__dtype=float32).")
     parser.add_argument("--output", type=Path, default=RESULT)
     args = parser.parse_args()
+    if any("=" not in item for item in args.overrides):
+        parser.error("--set takes KEY=VALUE, e.g. --set model__inference__dtype=float32")
+    common = dict(item.split("=", 1) for item in args.overrides)
     settings = load_settings("cpu")
     splits = load_splits(settings)
     texts = [ex.text for ex in splits.test]
@@ -301,18 +306,19 @@ def main() -> None:
                  "split": "test"},
         "setup": {"server": "fintune serve, 1 uvicorn worker, loopback, access log off",
                   "clients": "closed loop, httpx.AsyncClient in one process on the same 2 cores",
-                  "level_seconds": args.seconds, "warmup_seconds": min(3.0, args.seconds)},
+                  "level_seconds": args.seconds, "warmup_seconds": min(3.0, args.seconds), "overrides": common},
         "profiles": {},
     }
     for profile in args.profiles:
-        result["profiles"][profile] = profile_levels(profile, texts, args.levels, args.seconds)
+        result["profiles"][profile] = profile_levels(profile, texts, args.levels, args.seconds, **common)
     top = max(args.levels)
-    unbatched = profile_levels("cpu", texts, [top], args.seconds, serving__micro_batch_size="1")
+    unbatched = profile_levels("cpu", texts, [top], args.seconds, **common | {"serving__micro_batch_size": "1"})
     result["unbatched_cpu"] = unbatched
     if "cpu" in result["profiles"]:
         result["batching_gain"] = batching_gain(result["profiles"]["cpu"], unbatched, top)
     if args.fault_seconds > 0:
-        result["fault_run"] = fault_run("cpu", texts, top, args.fault_seconds, rate=0.5, start_s=10.0, stop_s=25.0)
+        result["fault_run"] = fault_run("cpu", texts, top, args.fault_seconds, rate=0.5, start_s=10.0, stop_s=25.0,
+                                        **common)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"written to {args.output}")
