@@ -53,14 +53,7 @@ def command_line() -> str:
 
 def _cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo, else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 MATMUL_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -69,12 +62,17 @@ MATMUL_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 def _cpu_features(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     """Which of :data:`MATMUL_FEATURES` this CPU reports in ``cpuinfo`` (empty where it cannot tell)."""
+    flags = (_cpuinfo_field("flags", cpuinfo) or "").split()
+    return [name for name in MATMUL_FEATURES if name in flags]
+
+
+def _cpuinfo_field(key: str, cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first ``key`` line of ``cpuinfo``, or None where there is none or it cannot be read."""
     try:
         with open(cpuinfo, encoding="utf-8") as info:
-            flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith(key)), None)
     except OSError:
-        return []
-    return [name for name in MATMUL_FEATURES if name in flags]
+        return None
 
 
 def _memory_gb() -> float | None:
