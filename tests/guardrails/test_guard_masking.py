@@ -33,6 +33,8 @@ PII_CASES = [
     ("PHONE_NUMBER", "US callers : +1 617-\u00e1801-\u00e16888 , access code : 2659 .", "+1 617-\u00e1801-\u00e16888"),
     ("PHONE_NUMBER", "Dial +1 334\u2013323\u20136201 in the USA.", "+1 334\u2013323\u20136201"),
     ("PHONE_NUMBER", "Hotline +44\u00a020\u00a07946\u00a00958 today.", "+44\u00a020\u00a07946\u00a00958"),
+    # a stray superscript after each separator: digits are counted as \d counts them, not as str.isdigit does
+    ("PHONE_NUMBER", "Call +1 \u00b2617 \u00b2555 \u00b20123 \u00b24567 today.", "+1 \u00b2617 \u00b2555 \u00b20123 \u00b24567"),
     # pasted text: no-break spaces, en dashes, full-width digits, a number over several lines, a "+" bullet
     ("CREDIT_CARD", "Card 4111\u00a01111\u00a01111\u00a01111 on file.", "4111\u00a01111\u00a01111\u00a01111"),
     ("CREDIT_CARD", "Card 4111\u20131111\u20131111\u20131111 on file.", "4111\u20131111\u20131111\u20131111"),

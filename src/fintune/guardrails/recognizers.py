@@ -157,7 +157,7 @@ class FinancialPhoneRecognizer(PhoneRecognizer):
 
     def is_plausible(self, matched: str) -> bool:
         """At least seven digits and no decimal figure, dotted date or business ID in the match."""
-        if sum(c.isdigit() for c in matched) < self.MIN_DIGITS:
+        if count_digits(matched) < self.MIN_DIGITS:
             return False
         return not any(pattern.search(matched) for pattern in self.NOT_A_PHONE)
 
@@ -202,8 +202,10 @@ class ExtraPhoneRecognizer(DeclarativeRecognizer):
     CONTEXT = ["phone", "telephone", "mobile", "call", "tel", "cell", "fax"]
 
     def validate_result(self, pattern_text: str) -> bool | None:
-        """Reject matches with fewer than 7 or more than 15 digits (E.164's limits)."""
-        digits = sum(c.isdigit() for c in pattern_text)
+        """Reject matches with fewer than 7 or more than 15 digits (E.164's limits), counted as the patterns
+        match them (``\\d``): ``str.isdigit`` also counts superscripts, so a 15-digit number with "²" separators
+        read as 19 digits and went through unmasked."""
+        digits = count_digits(pattern_text)
         return None if self.MIN_DIGITS <= digits <= self.MAX_DIGITS else False
 
 
