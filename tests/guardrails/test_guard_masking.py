@@ -11,6 +11,7 @@ from fintune.errors import GuardrailError
 from fintune.guardrails import GuardrailResult, PIIGuard
 from fintune.guardrails.evaluation import Case, leaks
 
+SUPERSCRIPT_PHONE = "+1 \u00b2617 \u00b2555 \u00b20123 \u00b24567"
 FULL_WIDTH_CARD = "4111 1111 1111 1111".translate({ord(d): 0xFF10 + int(d) for d in "0123456789"})
 PII_CASES = [
     ("US_SSN", "Client SSN 536-22-8145 on file.", "536-22-8145"),
@@ -34,7 +35,7 @@ PII_CASES = [
     ("PHONE_NUMBER", "Dial +1 334\u2013323\u20136201 in the USA.", "+1 334\u2013323\u20136201"),
     ("PHONE_NUMBER", "Hotline +44\u00a020\u00a07946\u00a00958 today.", "+44\u00a020\u00a07946\u00a00958"),
     # a stray superscript after each separator: digits are counted as \d counts them, not as str.isdigit does
-    ("PHONE_NUMBER", "Call +1 \u00b2617 \u00b2555 \u00b20123 \u00b24567 today.", "+1 \u00b2617 \u00b2555 \u00b20123 \u00b24567"),
+    ("PHONE_NUMBER", f"Call {SUPERSCRIPT_PHONE} today.", SUPERSCRIPT_PHONE),
     # pasted text: no-break spaces, en dashes, full-width digits, a number over several lines, a "+" bullet
     ("CREDIT_CARD", "Card 4111\u00a01111\u00a01111\u00a01111 on file.", "4111\u00a01111\u00a01111\u00a01111"),
     ("CREDIT_CARD", "Card 4111\u20131111\u20131111\u20131111 on file.", "4111\u20131111\u20131111\u20131111"),
