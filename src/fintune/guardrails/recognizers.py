@@ -202,9 +202,8 @@ class ExtraPhoneRecognizer(DeclarativeRecognizer):
     CONTEXT = ["phone", "telephone", "mobile", "call", "tel", "cell", "fax"]
 
     def validate_result(self, pattern_text: str) -> bool | None:
-        """Reject matches with fewer than 7 or more than 15 digits (E.164's limits), counted as the patterns
-        match them (``\\d``): ``str.isdigit`` also counts superscripts, so a 15-digit number with "²" separators
-        read as 19 digits and went through unmasked."""
+        """Reject matches with fewer than 7 or more than 15 digits (E.164's limits), counted as ``\\d`` counts
+        them (``str.isdigit`` would count superscripts too)."""
         digits = count_digits(pattern_text)
         return None if self.MIN_DIGITS <= digits <= self.MAX_DIGITS else False
 
