@@ -150,6 +150,19 @@ class InferenceSettings(Section):
         "26.0 ms a sentence against 33.9 ms for one padded batch (benchmarks/results/model_inference_cpu.json; "
         "0: never split).",
     )
+    packing: bool = Field(
+        True,
+        description="Padding-free batches (fintune.model.packing): a batch's sentences are concatenated into one "
+        "sequence whose attention stays within each sentence, so every matrix product runs on real tokens only "
+        "and no length buckets are needed. False, or a model whose attention is not pluggable: left-padded "
+        "length buckets (`min_length_ratio`).",
+    )
+    pack_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Most tokens in one packed sequence; a packed batch also holds at most `batch_size` sentences. "
+        "Budgets from 384 to 1,536 were within run-to-run noise on the 2-core Xeon (a scratch scan, 2026-12-01).",
+    )
     merge_adapter: bool = Field(
         True,
         description="De-quantize the NF4 base and merge the adapter into it (fast path); False: the adapter stays "

@@ -4,7 +4,9 @@ The model reads the training prompt and, at the answer position (the last prompt
 the first token of `` negative``, `` neutral`` and `` positive`` and softmax them: it can never answer anything
 else, and the top probability is its confidence. Batches are length buckets (:mod:`fintune.model.buckets`),
 left-padded (position ids come from the attention mask, so padding does not change a sentence's scores), under
-``torch.inference_mode()``.
+``torch.inference_mode()``. With ``inference.packing`` (the default) a batch is instead one padding-free row of
+sentences whose attention stays within each sentence (:mod:`fintune.model.packing`): the classifier switches the
+model's attention to the packed implementation, and falls back to padded buckets where the model cannot take it.
 
 Only those three logits are computed: the decoder's last hidden state times the three label rows of the output
 head, instead of the full-vocabulary head (49,152 rows for SmolLM2). A probe at load time checks that this equals
@@ -27,7 +29,7 @@ slower than its fp32 ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from fintune.model.buckets import length_buckets
 from fintune.model.calibration import card_temperature
 from fintune.model.card import read_card
 from fintune.model.loading import load_tokenizer, resolve_base
+from fintune.model.packing import PackedBatch, enable_packing, pack_groups
 from fintune.model.quantization import decode_4bit_layers, load_base, torch_dtype, upcast_unquantized
 
 logger = logging.getLogger(__name__)
@@ -96,6 +99,7 @@ class SentimentClassifier:
         self.label_ids = torch.tensor(label_token_ids(tokenizer, prompt_template.format(text="x")))
         if inference.num_threads:
             torch.set_num_threads(inference.num_threads)
+        self.packed = inference.packing and enable_packing(_unwrapped(model))
         self._label_rows: torch.Tensor | None = _label_rows(model, self.label_ids)
         if self._label_rows is not None and not self._label_head_matches():
             logger.warning("the label-only head differs from the model's logits; scoring with the full head")
@@ -136,7 +140,7 @@ class SentimentClassifier:
         encoded = self.tokenizer(self.prompts(texts))["input_ids"]
         lengths = [len(ids) for ids in encoded]
         with torch.inference_mode():
-            for batch in length_buckets(lengths, self.settings.batch_size, self.settings.min_length_ratio):
+            for batch in self._batches(lengths):
                 out[batch] = self._score([encoded[i] for i in batch])
         return out
 
@@ -151,27 +155,40 @@ class SentimentClassifier:
         """Only the labels."""
         return [LABELS[int(i)] for i in self.predict_proba(texts).argmax(axis=1)]
 
+    def _batches(self, lengths: list[int]) -> Iterator[list[int]]:
+        """Sentence indices per forward pass: packed groups, or length buckets for padded batches."""
+        if self.packed:
+            return pack_groups(lengths, self.settings.batch_size, self.settings.pack_tokens)
+        return length_buckets(lengths, self.settings.batch_size, self.settings.min_length_ratio)
+
     def _score(self, sequences: list[list[int]]) -> np.ndarray:
-        """Softmax over the label tokens' logits (divided by the temperature) at the last position of each
-        left-padded sequence."""
+        """Softmax over the label tokens' logits (divided by the temperature) at each sentence's answer position."""
         logits = self._label_logits(sequences, self._label_rows) / self.temperature
         return torch.softmax(logits, dim=-1).cpu().numpy()
 
     def _label_logits(self, sequences: list[list[int]], label_rows: torch.Tensor | None) -> torch.Tensor:
         """(n, 3) fp32 logits of the label tokens: from the label rows when given, else from the full head."""
+        inputs, answers = self._inputs(sequences, self._device())
+        if label_rows is None:
+            logits = self.model(**inputs, logits_to_keep=answers).logits
+            return logits.reshape(-1, logits.shape[-1])[:, self.label_ids.to(answers.device)].float()
+        hidden = _decoder(self.model)(**inputs).last_hidden_state[:, answers, :]
+        return hidden.reshape(-1, hidden.shape[-1]).float() @ label_rows.T
+
+    def _inputs(self, sequences: list[list[int]], device: torch.device) -> tuple[dict[str, Any], torch.Tensor]:
+        """Forward inputs and the answer positions to read: one packed row (each sentence's last token), or a
+        left-padded batch with its mask and the position ids the mask implies (the last column)."""
+        if self.packed:
+            packed = PackedBatch.of(sequences)
+            return packed.model_inputs(device), packed.last_positions.to(device)
         batch = self.tokenizer.pad({"input_ids": sequences}, padding=True, return_tensors="pt")
         mask = batch["attention_mask"]
-        device = self._device()
         inputs = {
             "input_ids": batch["input_ids"].to(device),
             "attention_mask": mask.to(device),
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device),
         }
-        if label_rows is None:
-            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-            return logits[:, self.label_ids.to(device)].float()
-        hidden = _decoder(self.model)(**inputs).last_hidden_state[:, -1, :]
-        return hidden.float() @ label_rows.T
+        return inputs, torch.tensor([-1], device=device)
 
     def _label_head_matches(self) -> bool:
         """Whether the label-only head reproduces the model's own label logits on a probe sentence."""
