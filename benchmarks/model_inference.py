@@ -3,7 +3,8 @@
 Scores the test split with the same adapter seven ways and compares them with the unmerged NF4 model (the model
 exactly as it was trained):
 
-* ``nf4``: the NF4 base + the LoRA adapter, unmerged, embeddings/norms/head in fp32 as in training (the reference);
+* ``nf4``: the NF4 base + the LoRA adapter, unmerged, embeddings/norms/head in fp32 as in training, in left-padded
+  length buckets with the model's own attention (the reference; never packed);
 * ``nf4_bf16``: the same with embeddings/norms/head left in bf16 (``inference.upcast_unquantized: false``);
 * ``decoded``: each 4-bit layer's weights decoded once at load (bf16, the compute dtype), embeddings/norms/head
   in fp32, the adapter unmerged (``inference.dequantize_base: true``): what ``nf4`` computes, without decoding
@@ -14,12 +15,15 @@ exactly as it was trained):
 * ``merged_bf16``: the NF4 base de-quantized, the adapter merged into it in fp32, bf16 weights;
 * ``merged_fp32``: the same in float32.
 
-For the profile's own path, also random 16-sentence groups (what the service's micro-batches look like),
-scored with the profile's ``inference.min_length_ratio`` and as one padded batch per group.
+Every other path scores as the profile does: packed (``inference.packing``: one padding-free row of up to
+``inference.batch_size`` sentences and ``inference.pack_tokens`` tokens) when the profile packs, else in length
+buckets. For the profile's own path (and each path named with ``--paths``), also random 16-sentence groups (what
+the service's micro-batches look like): left-padded as one batch per group, in the profile's length buckets
+(``inference.min_length_ratio``), and packed.
 
-For each: milliseconds per sentence in length buckets (``inference.batch_size``; median of ``--repeats``
-passes), single-sentence p50, the weights' memory (parameters and buffers), and the share of test sentences
-whose label agrees with the NF4 reference, plus the largest probability gap.
+For each: milliseconds per sentence over the whole test split (median of ``--repeats`` passes), single-sentence
+p50, the weights' memory (parameters and buffers), and the share of test sentences whose label agrees with the
+NF4 reference, plus the largest probability gap.
 
 Run: ``.venv/bin/python benchmarks/model_inference.py --model outputs/models/cpu``
 """
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 
 from fintune import LABELS
-from fintune.config import InferenceSettings, load_settings
+from fintune.config import InferenceSettings, Settings, load_settings
 from fintune.data import load_splits
 from fintune.evaluation import classification_metrics, latency_percentiles, write_json
 from fintune.model.card import read_card
@@ -46,7 +50,7 @@ from fintune.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
 PATHS: dict[str, dict[str, Any]] = {
-    "nf4": dict(merge=False, upcast_unquantized=True),
+    "nf4": dict(merge=False, upcast_unquantized=True, packing=False),
     "nf4_bf16": dict(merge=False, upcast_unquantized=False),
     "decoded": dict(merge=False, dequantize_base=True, upcast_unquantized=True),
     "decoded_bf16": dict(merge=False, dequantize_base=True, upcast_unquantized=False),
@@ -92,22 +96,35 @@ def profile_path(inference: InferenceSettings) -> str:
     return path if inference.upcast_unquantized else f"{path}_bf16"
 
 
-def mixed_groups(classifier: SentimentClassifier, texts: list[str], size: int, groups: int) -> dict[str, Any]:
-    """ms/sentence on random groups of ``size`` test sentences (what the service's micro-batches look like):
-    the profile's ``min_length_ratio`` against one padded batch per group (ratio 0)."""
+def mixed_groups(
+    model_dir: Path, settings: Settings, merge: bool, texts: list[str], size: int, groups: int
+) -> dict[str, Any]:
+    """ms/sentence on random groups of ``size`` test sentences (what the service's micro-batches look like): one
+    left-padded batch per group (ratio 0), the profile's length buckets (``min_length_ratio``), and packed rows."""
     rng = random.Random(0)
     samples = [rng.sample(texts, size) for _ in range(groups)]
-    configured = classifier.settings
+    inference = settings.model.inference
     figures: dict[str, Any] = {"group_size": size, "groups": groups}
-    for ratio in (0.0, configured.min_length_ratio):
-        classifier.settings = configured.model_copy(update={"min_length_ratio": ratio})
+    variants = {"ratio_0": dict(packing=False, min_length_ratio=0.0),
+                f"ratio_{inference.min_length_ratio:g}": dict(packing=False),
+                "packed": dict(packing=True)}
+    for name, update in variants.items():
+        classifier = SentimentClassifier.from_pretrained(model_dir, with_inference(settings, **update), merge=merge)
+        if name == "packed" and not classifier.packed:
+            continue  # the model's attention is not pluggable
         classifier.predict_proba(samples[0])  # warm-up
         started = time.perf_counter()
         for group in samples:
             classifier.predict_proba(group)
-        figures[f"ratio_{ratio:g}_ms_per_sentence"] = round(1000 * (time.perf_counter() - started) / (size * groups), 2)
-    classifier.settings = configured
+        figures[f"{name}_ms_per_sentence"] = round(1000 * (time.perf_counter() - started) / (size * groups), 2)
+        del classifier
     return figures
+
+
+def with_inference(settings: Settings, **update: Any) -> Settings:
+    """``settings`` with some of its inference settings changed."""
+    inference = settings.model.inference.model_copy(update=update)
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"inference": inference})})
 
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
@@ -141,18 +158,19 @@ def main() -> None:
     texts, labels = [ex.text for ex in splits.test], [ex.label for ex in splits.test]
     results: dict[str, Any] = {}
     for name, how in paths.items():
-        update = {"dtype": how.get("dtype", "bfloat16"), "upcast_unquantized": how.get("upcast_unquantized", True),
-                  "dequantize_base": how.get("dequantize_base", False)}
-        inference = settings.model.inference.model_copy(update=update)
-        model_settings = settings.model.model_copy(update={"inference": inference})
-        path_settings = settings.model_copy(update={"model": model_settings})
+        path_settings = with_inference(
+            settings, dtype=how.get("dtype", "bfloat16"), upcast_unquantized=how.get("upcast_unquantized", True),
+            dequantize_base=how.get("dequantize_base", False),
+            packing=how.get("packing", settings.model.inference.packing),
+        )
         classifier = SentimentClassifier.from_pretrained(args.model, path_settings, merge=how["merge"])
-        results[name] = score(classifier, texts, labels, args.latency_samples, args.repeats)
+        results[name] = {"packed": classifier.packed,
+                         **score(classifier, texts, labels, args.latency_samples, args.repeats)}
+        del classifier
         if name == profile_path(settings.model.inference) or name in (args.paths or []):
-            results[name]["mixed_groups"] = mixed_groups(classifier, texts, size=16, groups=25)
+            results[name]["mixed_groups"] = mixed_groups(args.model, path_settings, how["merge"], texts, 16, 25)
         print(f"{name}: {results[name]['batch_ms_per_sentence']} ms/sentence batched, "
               f"accuracy {results[name]['accuracy']:.4f}", flush=True)
-        del classifier
     reference = results["nf4"]["probabilities"]
     for figures in results.values():
         figures.update(agreement(reference, figures.pop("probabilities")))
@@ -164,6 +182,7 @@ def main() -> None:
         "data": {**splits.describe(), "evaluated_sentences": len(texts)},
         "threads": torch.get_num_threads(),
         "batch_size": settings.model.inference.batch_size,
+        "pack_tokens": settings.model.inference.pack_tokens,
         "paths": results,
     })
     print(f"written to {output}")
