@@ -11,7 +11,14 @@ import torch
 from fintune.config import Settings
 from fintune.model.inference import SentimentClassifier, prepare_base
 from fintune.model.loading import load_tokenizer, resolve_base
-from fintune.model.packing import PACKED_ATTENTION, PackedBatch, enable_packing, pack_groups
+from fintune.model.packing import (
+    BOUNDS_KWARG,
+    PACKED_ATTENTION,
+    PackedBatch,
+    bounds_from_positions,
+    enable_packing,
+    pack_groups,
+)
 from fintune.model.quantization import load_base
 
 TEXTS = [
@@ -41,6 +48,15 @@ def test_a_packed_row_restarts_positions_at_each_sentence() -> None:
     assert packed.last_positions.tolist() == [2, 3, 5]
     with pytest.raises(ValueError, match="no empty one"):
         PackedBatch.of([[1], []])
+
+
+def test_sequence_bounds_are_read_from_where_the_positions_restart() -> None:
+    assert bounds_from_positions(torch.tensor([[0, 1, 2, 0, 1, 0]]), 1, 6) == [0, 3, 5, 6]
+    assert bounds_from_positions(torch.arange(4).unsqueeze(0), 1, 4) == [0, 4]
+    assert bounds_from_positions(torch.arange(4).repeat(3, 1), 3, 4) == [0, 4]  # a plain batch of 3 rows
+    assert bounds_from_positions(None, 1, 5) == [0, 5]
+    with pytest.raises(ValueError, match="one row"):
+        bounds_from_positions(torch.tensor([[0, 1, 0], [0, 1, 2]]), 2, 3)
 
 
 def test_a_model_without_pluggable_attention_is_left_as_it_is() -> None:
@@ -85,3 +101,24 @@ def test_the_full_head_reads_the_same_answer_positions_as_the_label_rows(tiny_se
         rows = classifier._label_logits(sequences, classifier._label_rows)
     assert full.shape == (len(TEXTS), 3)
     torch.testing.assert_close(full, rows, rtol=1e-4, atol=1e-4)
+
+
+def test_a_packed_row_without_bounds_is_not_attended_across_and_generation_still_works(
+    tiny_settings: Settings,
+) -> None:
+    model = _tiny_base(tiny_settings).eval()
+    classifier = _classifier(model, tiny_settings, packing=True)
+    sequences = classifier.tokenizer(classifier.prompts(TEXTS))["input_ids"]
+    inputs = PackedBatch.of(sequences).model_inputs(torch.device("cpu"))
+    with torch.inference_mode():
+        with_bounds = model.get_decoder()(**inputs).last_hidden_state
+        del inputs[BOUNDS_KWARG]  # as a padding-free batch from elsewhere (TRL) comes: position ids only
+        from_positions = model.get_decoder()(**inputs).last_hidden_state
+    torch.testing.assert_close(from_positions, with_bounds)
+
+    prompt = torch.tensor([sequences[1]])
+    with torch.inference_mode():
+        packed = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+        model.set_attn_implementation("sdpa")
+        plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+    assert packed.tolist() == plain.tolist()  # the KV-cache steps went through SDPA, not the packed path

@@ -6,9 +6,11 @@ sentence, and computes attention sentence by sentence (:func:`packed_attention`,
 ``AttentionInterface`` as :data:`PACKED_ATTENTION`). Every other layer is token-wise, so it runs once over the
 real tokens only, in one large matrix product. A sentence's scores are those it gets alone, up to float rounding.
 
-The attention function falls back to transformers' SDPA whenever it is not given segment bounds or is given a
-padding mask, so a model switched to it still scores padded batches correctly. Mistral's sliding window is
-applied inside a segment longer than the window. This is the varlen idea of flash-attention and vLLM, done with
+The attention function reads the sentence boundaries from the forward's ``segment_bounds`` or, failing that,
+from where the position ids restart (so a padding-free batch from elsewhere, such as TRL's, is never attended
+across); it falls back to transformers' SDPA for a call with a padding mask or a KV cache, so a model switched to
+it still scores padded batches and generates correctly. Mistral's sliding window is applied inside a sentence
+longer than the window. This is the varlen idea of flash-attention and vLLM, done with
 PyTorch's own ``scaled_dot_product_attention`` so that it runs on a CPU.
 """
 
@@ -90,33 +92,56 @@ def packed_attention(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal attention within each segment of a packed row; transformers' SDPA when the call is not packed."""
+    """Causal attention within each sequence of an unpadded row (from the segment bounds, else from where the
+    position ids restart); transformers' SDPA for a call with a padding mask or a KV cache."""
     bounds = kwargs.pop(BOUNDS_KWARG, None)
-    if bounds is not None and (dropout > 0 or attention_mask is not None):
-        raise ValueError("a packed row is for inference: no attention dropout (call model.eval()) and no mask")
-    if attention_mask is not None or dropout > 0:
+    if attention_mask is not None or query.shape[2] != key.shape[2]:
+        if bounds is not None:
+            raise ValueError("a packed row takes no padding mask and no KV cache")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    bounds = bounds or [0, query.shape[2]]
+    if bounds is None:
+        bounds = bounds_from_positions(kwargs.get("position_ids"), query.shape[0], query.shape[2])
     window = kwargs.get("sliding_window")
     outputs = [
-        _causal(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scaling, window)
+        _causal(query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], scaling, window, dropout)
         for start, end in zip(bounds[:-1], bounds[1:], strict=True)
     ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+def bounds_from_positions(position_ids: torch.Tensor | None, batch: int, length: int) -> list[int]:
+    """Where each sequence of an unpadded row starts and ends, read from its position ids (a position that does
+    not follow the one before starts a new sequence, as TRL's padding-free batches have it); ValueError for
+    several packed rows in one batch, whose sequences would not line up."""
+    if position_ids is None:
+        return [0, length]
+    restarts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not restarts.any():
+        return [0, length]
+    if batch > 1 or position_ids.shape[0] > 1:
+        raise ValueError("several packed rows in one batch: pack all sequences into one row")
+    return [0, *(restarts[0].nonzero().flatten() + 1).tolist(), length]
+
+
 def _causal(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None, window: int | None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    window: int | None,
+    dropout: float,
 ) -> torch.Tensor:
-    """One segment's causal attention (banded to ``window`` past tokens when the segment is longer)."""
+    """One sequence's causal attention (banded to ``window`` past tokens when the sequence is longer)."""
     length = query.shape[2]
     gqa = query.shape[1] != key.shape[1]
     if window is None or length <= window:
-        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scaling,
+                                              enable_gqa=gqa)
     rows = torch.arange(length, device=query.device)
     band = (rows[None, :] <= rows[:, None]) & (rows[None, :] > rows[:, None] - window)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=band, dropout_p=dropout, scale=scaling,
+                                          enable_gqa=gqa)
 
 
 def packed_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
