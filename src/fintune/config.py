@@ -145,7 +145,8 @@ class InferenceSettings(Section):
         0.65,
         ge=0,
         le=1,
-        description="A sentence shorter than this share of its batch's longest starts a new batch (less padding). "
+        description="Padded batches only (`packing: false`): a sentence shorter than this share of its batch's "
+        "longest starts a new batch (less padding). "
         "On random 16-sentence groups of the 50agree test split (the service's micro-batches), 0.65 scored "
         "26.0 ms a sentence against 33.9 ms for one padded batch (benchmarks/results/model_inference_cpu.json; "
         "0: never split).",
