@@ -97,27 +97,29 @@ def profile_path(inference: InferenceSettings) -> str:
 
 
 def mixed_groups(
-    model_dir: Path, settings: Settings, merge: bool, texts: list[str], size: int, groups: int
+    padded: SentimentClassifier, packed: SentimentClassifier | None, texts: list[str], size: int, groups: int
 ) -> dict[str, Any]:
     """ms/sentence on random groups of ``size`` test sentences (what the service's micro-batches look like): one
-    left-padded batch per group (ratio 0), the profile's length buckets (``min_length_ratio``), and packed rows."""
+    left-padded batch per group (ratio 0), the profile's length buckets (``min_length_ratio``), and packed rows
+    (when the model packs)."""
     rng = random.Random(0)
     samples = [rng.sample(texts, size) for _ in range(groups)]
-    inference = settings.model.inference
+    configured = padded.settings
     figures: dict[str, Any] = {"group_size": size, "groups": groups}
-    variants = {"ratio_0": dict(packing=False, min_length_ratio=0.0),
-                f"ratio_{inference.min_length_ratio:g}": dict(packing=False),
-                "packed": dict(packing=True)}
-    for name, update in variants.items():
-        classifier = SentimentClassifier.from_pretrained(model_dir, with_inference(settings, **update), merge=merge)
-        if name == "packed" and not classifier.packed:
-            continue  # the model's attention is not pluggable
+
+    def timed(name: str, classifier: SentimentClassifier) -> None:
         classifier.predict_proba(samples[0])  # warm-up
         started = time.perf_counter()
         for group in samples:
             classifier.predict_proba(group)
         figures[f"{name}_ms_per_sentence"] = round(1000 * (time.perf_counter() - started) / (size * groups), 2)
-        del classifier
+
+    for ratio in (0.0, configured.min_length_ratio):
+        padded.settings = configured.model_copy(update={"min_length_ratio": ratio})
+        timed(f"ratio_{ratio:g}", padded)
+    padded.settings = configured
+    if packed is not None:
+        timed("packed", packed)
     return figures
 
 
@@ -166,9 +168,14 @@ def main() -> None:
         classifier = SentimentClassifier.from_pretrained(args.model, path_settings, merge=how["merge"])
         results[name] = {"packed": classifier.packed,
                          **score(classifier, texts, labels, args.latency_samples, args.repeats)}
-        del classifier
         if name == profile_path(settings.model.inference) or name in (args.paths or []):
-            results[name]["mixed_groups"] = mixed_groups(args.model, path_settings, how["merge"], texts, 16, 25)
+            # packing switches the model's attention, so the padded timings need a model of their own
+            padded = classifier if not classifier.packed else SentimentClassifier.from_pretrained(
+                args.model, with_inference(path_settings, packing=False), merge=how["merge"])
+            packed = classifier if classifier.packed else None
+            results[name]["mixed_groups"] = mixed_groups(padded, packed, texts, size=16, groups=25)
+            del padded, packed
+        del classifier
         print(f"{name}: {results[name]['batch_ms_per_sentence']} ms/sentence batched, "
               f"accuracy {results[name]['accuracy']:.4f}", flush=True)
     reference = results["nf4"]["probabilities"]
