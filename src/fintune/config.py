@@ -542,6 +542,26 @@ class ServingSettings(Section):
         return self
 
 
+class ScaleSettings(Section):
+    """Classification spread over a Ray cluster (``fintune classify --engine ray``), for corpora one process is
+    too slow for: each actor is one replica of the offline pipeline, loaded once."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join: 'auto' (a cluster started on this machine with `ray start --head`) or "
+        "'ray://HOST:10001' (a remote one). None: start a private Ray instance on this machine for the run. The "
+        "model folder and the output paths must exist at the same path on every node.",
+    )
+    actors: int = Field(2, ge=1, description="Pipeline replicas (Ray actors); each loads the model once.")
+    cpus_per_actor: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each actor; Ray also caps the actor's torch threads at it."
+    )
+    chunk_size: int = Field(64, ge=1, description="Texts one actor classifies per task (one model call each).")
+    max_restarts: int = Field(
+        2, ge=0, description="How often Ray restarts an actor that died and re-runs its chunk before giving up."
+    )
+
+
 class Settings(BaseSettings):
     """Everything FinTune can be told, as one profile. Build it with :func:`load_settings`."""
 
@@ -566,6 +586,7 @@ class Settings(BaseSettings):
     reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
+    scale: ScaleSettings = Field(default_factory=ScaleSettings)
 
     @classmethod
     def settings_customise_sources(

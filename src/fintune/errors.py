@@ -58,6 +58,10 @@ class ModelError(FinTuneError):
     """A base model cannot be found, converted or loaded, or its tokenizer cannot score the three labels."""
 
 
+class ScaleError(FinTuneError):
+    """Ray is not installed, its cluster cannot be reached, or its actors died more often than allowed."""
+
+
 class InvalidInputError(FinTuneError):
     """A text sent for classification is empty, too long, or holds control characters or invalid Unicode."""
 

@@ -13,10 +13,10 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any, TextIO
+from typing import Annotated, Any, Literal, TextIO
 
 import typer
 from tqdm import tqdm
@@ -88,6 +88,9 @@ def log_config() -> dict[str, Any]:
     return config
 
 
+Engine = Literal["local", "ray"]
+
+
 @app.command("classify")
 def classify_command(
     text: Annotated[str | None, typer.Argument(help="The text to classify (or use --input).")] = None,
@@ -100,26 +103,60 @@ def classify_command(
     text_column: Annotated[str, typer.Option(help="Column / key holding the text in .csv and .jsonl.")] = "text",
     profile: ProfileOption = None,
     model: ServedModelOption = None,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="'local': this process. 'ray': replicas of the pipeline on a Ray cluster (scale.address; none: "
+            "a private one on this machine), same records, in the same order.",
+        ),
+    ] = "local",
+    actors: Annotated[
+        int | None, typer.Option(min=1, help="Pipeline replicas with --engine ray (default: scale.actors).")
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster with --engine ray: 'auto' or 'ray://HOST:10001' (default: scale.address)."),
+    ] = None,
 ) -> None:
     """Classify offline through the service's pipeline (guard, breaker, model, checks), writing JSONL."""
-    from fintune.serving.service import offline_pipeline, outcome_record
-
     if (text is None) == (input_file is None):
         raise InvalidInputError("give either a TEXT argument or --input FILE, not both or neither")
-    settings = settings_with_model(profile, model)
+    settings = _with_scale(settings_with_model(profile, model), actors, ray_address)
     rows = [("1", text)] if text is not None else list(read_texts(input_file, text_column))  # type: ignore[arg-type]
-    pipeline = offline_pipeline(settings)
-    size = settings.serving.micro_batch_size
     with ExitStack() as stack:
+        chunks = _record_chunks([t for _, t in rows], settings, engine, stack)
         sink: TextIO = stack.enter_context(output.open("w", encoding="utf-8")) if output else sys.stdout
         bar = stack.enter_context(tqdm(total=len(rows), desc="classify", unit="text", disable=text is not None))
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            for (row_id, _), outcome in zip(chunk, pipeline.classify_offline([t for _, t in chunk]), strict=True):
-                sink.write(json.dumps({"id": row_id, **outcome_record(outcome)}, ensure_ascii=False) + "\n")
-            bar.update(len(chunk))
+        done = 0
+        for records in chunks:
+            for (row_id, _), record in zip(rows[done : done + len(records)], records, strict=True):
+                sink.write(json.dumps({"id": row_id, **record}, ensure_ascii=False) + "\n")
+            done += len(records)
+            bar.update(len(records))
     if output:
         console.print(f"{len(rows)} records written to {output}")
+
+
+def _with_scale(settings: Settings, actors: int | None, address: str | None) -> Settings:
+    """``settings`` with the command line's Ray options applied."""
+    update = {k: v for k, v in (("actors", actors), ("address", address)) if v is not None}
+    return settings.model_copy(update={"scale": settings.scale.model_copy(update=update)}) if update else settings
+
+
+def _record_chunks(texts: list[str], settings: Settings, engine: Engine, stack: ExitStack) -> Iterable[list[Any]]:
+    """The texts' records chunk by chunk, in order, from this process or from replicas on Ray."""
+    from fintune.serving.service import OfflineRecords
+
+    if engine == "ray":
+        from fintune.scale import classify_on_ray, ray_cluster
+
+        stack.enter_context(ray_cluster(settings.scale))
+        chunks = classify_on_ray(texts, OfflineRecords(settings), settings.scale)
+        stack.callback(chunks.close)  # its replicas go before the cluster does, even when writing fails
+        return chunks
+    classify = OfflineRecords(settings, redact_process_logs=False)()
+    size = settings.serving.micro_batch_size
+    return (classify(texts[start : start + size]) for start in range(0, len(texts), size))
 
 
 def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:

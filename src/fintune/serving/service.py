@@ -324,6 +324,25 @@ def offline_pipeline(settings: Settings, classifier: ClassifierSource = None) ->
     )
 
 
+@dataclass(frozen=True)
+class OfflineRecords:
+    """A picklable recipe of the offline pipeline for another process (a Ray actor of ``fintune classify
+    --engine ray``): called there, it builds the pipeline and returns a function from texts to records."""
+
+    settings: Settings
+    redact_process_logs: bool = True
+    """Redact every log record of the process that builds it (a worker's whole process is the pipeline's)."""
+
+    def __call__(self) -> Callable[[list[str]], list[dict[str, Any]]]:
+        """Build the pipeline here (loading the model) and return its text-to-records function."""
+        pipeline = offline_pipeline(self.settings)
+        if self.redact_process_logs and self.settings.guardrails.redact_logs:
+            from fintune.guardrails import install_log_redaction
+
+            install_log_redaction(pipeline.guard)  # type: ignore[arg-type]
+        return lambda texts: [outcome_record(outcome) for outcome in pipeline.classify_offline(texts)]
+
+
 def outcome_record(outcome: ItemOutcome) -> dict[str, Any]:
     """One outcome as a JSON-ready record (the redacted text only, never the input)."""
     if outcome.error is not None:
