@@ -54,7 +54,9 @@ def test_input_formats_and_their_errors(tmp_path: Path, capfd: pytest.CaptureFix
     (tmp_path / "a.xml").write_text("<x/>", encoding="utf-8")
     assert main(["classify", "--input", str(tmp_path / "a.xml")]) == 2
     assert main(["classify"]) == 2
+    assert main(["classify", "--actors", "2", "Sales rose."]) == 2
     err = capfd.readouterr().err
+    assert "only apply with --engine ray" in err
     assert "use .txt, .csv or .jsonl" in err and "either a TEXT argument or --input" in err
     assert "latin1.txt:2 is not UTF-8 text" in err and "Traceback" not in err
 

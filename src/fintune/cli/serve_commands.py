@@ -121,6 +121,8 @@ def classify_command(
     """Classify offline through the service's pipeline (guard, breaker, model, checks), writing JSONL."""
     if (text is None) == (input_file is None):
         raise InvalidInputError("give either a TEXT argument or --input FILE, not both or neither")
+    if engine != "ray" and (actors is not None or ray_address is not None):
+        raise InvalidInputError("--actors and --ray-address only apply with --engine ray")
     settings = _with_scale(settings_with_model(profile, model), actors, ray_address)
     rows = [("1", text)] if text is not None else list(read_texts(input_file, text_column))  # type: ignore[arg-type]
     with ExitStack() as stack:
