@@ -35,7 +35,7 @@ BatchClassifier = Callable[[list[str]], Records]
 ClassifierFactory = Callable[[], BatchClassifier]
 """Builds a replica's classifier in the actor's process; it is pickled, so it must carry everything it needs."""
 
-RAY_HINT = "install it with `pip install -e '.[scale]'` (or `pip install ray`)"
+_RAY_HINT = "install it with `pip install -e '.[scale]'` (or `pip install ray`)"
 
 
 class PipelineReplica:
@@ -135,5 +135,5 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:
-        raise ScaleError(f"the Ray engine needs Ray, which is not installed: {RAY_HINT}") from exc
+        raise ScaleError(f"the Ray engine needs Ray, which is not installed: {_RAY_HINT}") from exc
     return ray
