@@ -46,6 +46,7 @@ from fintune.data import load_splits
 from fintune.evaluation import classification_metrics, latency_percentiles, write_json
 from fintune.model.card import read_card
 from fintune.model.inference import SentimentClassifier
+from fintune.model.precision import resolve_dtype
 from fintune.provenance import provenance
 
 RESULTS = Path(__file__).parent / "results"
@@ -88,9 +89,10 @@ def score(
 
 def profile_path(inference: InferenceSettings) -> str:
     """Which of the measured paths the profile serves."""
+    bf16 = resolve_dtype(inference.dtype) == torch.bfloat16  # auto: this machine's choice
     if inference.merge_adapter:
-        return "merged_bf16" if inference.dtype == "bfloat16" else "merged_fp32"
-    if inference.dequantize_base and inference.dtype == "float32":
+        return "merged_bf16" if bf16 else "merged_fp32"
+    if inference.dequantize_base and not bf16:
         return "decoded_fp32"
     path = "decoded" if inference.dequantize_base else "nf4"
     return path if inference.upcast_unquantized else f"{path}_bf16"

@@ -175,12 +175,14 @@ class InferenceSettings(Section):
         "adapter apart. In bfloat16 every layer then multiplies by the weights it would otherwise decode on each "
         "call, in the same dtypes, at 2 bytes a weight instead of ~0.5 (ignored with `merge_adapter`).",
     )
-    dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16",
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
         description="Weights dtype of the merged model and of the decoded base (`dequantize_base`; the NF4 path "
         "ignores it). bfloat16 is what training multiplied in; float32 holds the very same decoded values and "
         "multiplies in fp32, not bit-identical to training and faster on CPUs whose bf16 products are slower than "
-        "fp32 ones (AVX512-BF16 without AMX: benchmarks/results/model_inference_cpu_*.json).",
+        "fp32 ones (AVX512-BF16 without AMX: benchmarks/results/model_inference_cpu_*.json). auto: bf16 on a GPU "
+        "that has it and on CPUs with AMX, or with AVX512-BF16 when not Intel's; else fp32 (the measured rule: "
+        "fintune.model.precision).",
     )
     upcast_unquantized: bool = Field(
         True,
@@ -236,9 +238,9 @@ class EncoderSettings(Section):
     )
     inference_dtype: Literal["auto", "bfloat16", "float32"] = Field(
         "auto",
-        description="Weights dtype of a trained encoder when it predicts (training is always fp32). auto: bf16 on "
-        "a GPU with bf16 or a CPU with AVX512-BF16/AMX (2-core AMD EPYC, 50agree test: the same labels, 2.2-2.6 "
-        "against 6.2 ms a sentence), else fp32.",
+        description="Weights dtype of a trained encoder when it predicts (training is always fp32). auto: as "
+        "`inference.dtype` (fintune.model.precision). 50agree test, same labels: 2.2-2.6 against 6.2 ms a sentence in "
+        "bf16 on a 2-core AMD EPYC; 8.7 against 6.3 ms in fp32 on a 2-core Xeon without AMX.",
     )
 
 

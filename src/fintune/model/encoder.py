@@ -34,6 +34,7 @@ from fintune.model.buckets import length_buckets
 from fintune.model.calibration import card_temperature, validation_probabilities
 from fintune.model.card import CARD_FILE, read_card
 from fintune.model.distillation import TeacherTargets, teacher_folder, teacher_targets
+from fintune.model.precision import resolve_dtype
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -51,22 +52,6 @@ def encoder_source(encoder: EncoderSettings) -> str:
             if (candidate / "config.json").is_file():
                 return str(candidate)
     return encoder.hub_model
-
-
-def inference_dtype(name: str) -> torch.dtype:
-    """The dtype a trained encoder predicts in; ``auto`` is bf16 where the hardware computes it natively."""
-    if name != "auto":
-        return getattr(torch, name)
-    return torch.bfloat16 if _native_bf16() else torch.float32
-
-
-def _native_bf16() -> bool:
-    """Whether this machine's accelerator or CPU has bf16 arithmetic (else bf16 is emulated and slow)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up defensively
-    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
 
 
 class EncoderClassifier:
@@ -105,7 +90,7 @@ class EncoderClassifier:
         encoder = settings.model.encoder
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), dtype=inference_dtype(encoder.inference_dtype)
+            str(model_dir), dtype=resolve_dtype(encoder.inference_dtype)
         )
         return cls(model, tokenizer, encoder, card_temperature(card))
 

@@ -23,7 +23,7 @@ Decoded path (``inference.dequantize_base``): each 4-bit layer's weights are dec
 compute dtype) every layer then multiplies by the very weights it would decode on each call, in the same dtypes
 (with ``upcast_unquantized``, embeddings, norms and head in fp32 as trained), without decoding them per call; in
 fp32 it holds the same decoded values and multiplies in fp32, which is faster where the CPU's bf16 products are
-slower than its fp32 ones.
+slower than its fp32 ones. ``inference.dtype: auto`` measures which it is (:mod:`fintune.model.precision`).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from fintune.model.calibration import card_temperature
 from fintune.model.card import read_card
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.packing import PackedBatch, enable_packing, pack_groups
-from fintune.model.quantization import decode_4bit_layers, load_base, torch_dtype, upcast_unquantized
+from fintune.model.precision import resolve_dtype
+from fintune.model.quantization import decode_4bit_layers, load_base, upcast_unquantized
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class SentimentClassifier:
         # keep the adapter in the dtype it was trained in (TRL trains QLoRA adapters in bf16)
         model = PeftModel.from_pretrained(base, str(model_dir), autocast_adapter_dtype=False)
         if merge:
-            model = merge_adapter_in_fp32(model, torch_dtype(inference.dtype))
+            model = merge_adapter_in_fp32(model, resolve_dtype(inference.dtype))
         tokenizer = load_tokenizer(str(model_dir))
         return cls(model, tokenizer, model_settings.training.prompt_template, inference, card_temperature(card))
 
@@ -209,11 +210,11 @@ def prepare_base(base: Any, model_settings: ModelSettings, inference: InferenceS
     if not model_settings.quantization.load_in_4bit:
         return base
     if merge:
-        return base.dequantize(dtype=torch_dtype(inference.dtype))
+        return base.dequantize(dtype=resolve_dtype(inference.dtype))
     if inference.upcast_unquantized:
         base = upcast_unquantized(base)
     if inference.dequantize_base:
-        base = decode_4bit_layers(base, torch_dtype(inference.dtype))
+        base = decode_4bit_layers(base, resolve_dtype(inference.dtype))
     return base
 
 
