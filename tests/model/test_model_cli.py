@@ -55,6 +55,7 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
         assert key in metrics, key
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["sentences"] > 0
     assert 0 < metrics["model_memory_footprint_mib"] < metrics["process_peak_rss_mib"]
+    assert metrics["weights_dtype"] == "bfloat16"  # merged into the profile's pinned dtype
     assert (eval_dir / "model_confusion.png").is_file()
     comparison = json.loads((eval_dir / "comparison.json").read_text())
     best = comparison["baselines"][comparison["best_baseline"]]["macro_f1_difference"]

@@ -2,9 +2,9 @@
 
 ``metrics.json``: accuracy, macro-F1, per-class report, confusion matrix (JSON + PNG), expected calibration
 error, latency p50/p95 per sentence, batch throughput and memory (the loaded model's footprint as it serves,
-and the process's peak resident memory). ``comparison.json``: each baseline re-scored on the
-same sentences, a paired bootstrap confidence interval of the macro-F1 difference (model minus baseline), and a
-plain verdict against the best baseline.
+and the process's peak resident memory), and the dtype most weights are served in. ``comparison.json``: each
+baseline re-scored on the same sentences, a paired bootstrap confidence interval of the macro-F1 difference (model
+minus baseline), and a plain verdict against the best baseline.
 
 When the model was trained on another subset, test sentences that were in its training split are left out
 (the agreement subsets overlap), and the files say how many.
@@ -70,6 +70,19 @@ def memory_figures(classifier: Classifier) -> dict[str, float | None]:
         "model_memory_footprint_mib": round(footprint / 2**20, 1) if footprint is not None else None,
         "process_peak_rss_mib": round(peak_bytes / 2**20, 1),
     }
+
+
+def weights_dtype(classifier: Classifier) -> str | None:
+    """The dtype that holds most of the served model's weights ("float32", "bfloat16"; None without a torch model):
+    what ``inference.dtype: auto`` chose on this machine."""
+    model = getattr(classifier, "model", None)
+    if not hasattr(model, "parameters"):
+        return None
+    counts: dict[str, int] = {}
+    for param in model.parameters():
+        name = str(param.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + param.numel()
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str, Any]) -> list[Example]:
@@ -213,6 +226,7 @@ def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, co
     classifier = load_classifier(model_dir, settings)
     metrics = score_model(classifier, examples, settings.model.inference)
     metrics.update(memory_figures(classifier))
+    metrics["weights_dtype"] = weights_dtype(classifier)
     predicted = metrics.pop("predictions")
     left_out = len(splits.test) - len(examples)
     header = {
