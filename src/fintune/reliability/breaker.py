@@ -23,12 +23,12 @@ asyncio); HALF_OPEN lets every concurrent call through (``success_threshold`` co
 limit trial calls); it has no slow-call rule; and it reads ``datetime.now()`` directly (no injectable clock, so
 the timeout cannot be tested without sleeping). It also holds its lock for the whole guarded call, which
 serialises all model calls. So this module is ours, with the same shape: one class per state
-behind a single state map, pluggable storage (in memory; a shared Redis storage is left out because the
-service runs one process per model and atomic cross-process updates would not be cheap) and listeners told
-of every transition.
+behind a single state map, pluggable storage (:mod:`fintune.reliability.storage`: in this process, or in
+Redis shared by several processes) and listeners told of every transition. Listeners hear the transitions
+their own process makes; with a shared storage, :attr:`CircuitBreaker.state` also shows the others'.
 
-The lock is held only to read and update the state, never while the guarded function runs, so calls run
-concurrently and a rejection costs microseconds (``benchmarks/breaker_overhead.py``).
+The storage is held only to read and update the state, never while the guarded function runs, so calls run
+concurrently and a rejection costs microseconds in memory (``benchmarks/breaker_overhead.py``).
 """
 
 from __future__ import annotations
@@ -39,16 +39,21 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
+from dataclasses import asdict, dataclass
 from typing import Any, ParamSpec, TypeVar
 
 from fintune.config import ReliabilitySettings
 from fintune.errors import CircuitOpenError, ConfigError
+from fintune.reliability.storage import (
+    BreakerRecord,
+    BreakerState,
+    BreakerStorage,
+    MemoryStorage,
+    storage_from_settings,
+)
 
 __all__ = [
     "BreakerState",
-    "BreakerStorage",
     "CircuitBreaker",
     "Transition",
     "resolve_exception_types",
@@ -59,14 +64,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 Clock = Callable[[], float]
 Listener = Callable[["Transition"], None]
-
-
-class BreakerState(StrEnum):
-    """The three states of a circuit breaker."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
 
 
 # Every legal transition; CircuitBreaker._transition refuses anything else.
@@ -88,25 +85,6 @@ class Transition:
     at: float
 
 
-@dataclass
-class BreakerStorage:
-    """The breaker's mutable state and counters (in memory); guarded by the breaker's lock."""
-
-    state: BreakerState = BreakerState.CLOSED
-    generation: int = 0
-    consecutive_failures: int = 0
-    opened_at: float | None = None
-    trials_admitted: int = 0
-    trials_succeeded: int = 0
-    calls: int = 0
-    successes: int = 0
-    failures: int = 0
-    slow_calls: int = 0
-    ignored_errors: int = 0
-    rejections: int = 0
-    transitions: dict[str, int] = field(default_factory=dict)
-
-
 @dataclass(frozen=True)
 class _Permit:
     """A ticket for one admitted call: the generation it was admitted in and when it started."""
@@ -118,59 +96,59 @@ class _Permit:
 class _StateBehaviour:
     """What one state does before a call and with its result; subclasses are stateless singletons."""
 
-    def admit(self, cb: CircuitBreaker, now: float) -> None:
+    def admit(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Let the call run, or raise CircuitOpenError."""
 
-    def on_success(self, cb: CircuitBreaker, now: float) -> None:
+    def on_success(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """A call admitted in this state succeeded."""
 
-    def on_failure(self, cb: CircuitBreaker, now: float) -> None:
+    def on_failure(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """A call admitted in this state failed."""
 
 
 class _Closed(_StateBehaviour):
     """CLOSED: count consecutive failures, open at the threshold."""
 
-    def on_success(self, cb: CircuitBreaker, now: float) -> None:
+    def on_success(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Reset the failure streak."""
-        cb.storage.consecutive_failures = 0
+        rec.consecutive_failures = 0
 
-    def on_failure(self, cb: CircuitBreaker, now: float) -> None:
+    def on_failure(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Extend the streak; open the breaker when it reaches the threshold."""
-        cb.storage.consecutive_failures += 1
-        if cb.storage.consecutive_failures >= cb.failure_threshold:
-            cb._transition(BreakerState.OPEN, f"{cb.storage.consecutive_failures} consecutive failures", now)
+        rec.consecutive_failures += 1
+        if rec.consecutive_failures >= cb.failure_threshold:
+            cb._transition(rec, BreakerState.OPEN, f"{rec.consecutive_failures} consecutive failures", now)
 
 
 class _Open(_StateBehaviour):
     """OPEN: reject until the recovery timeout has passed, then go HALF_OPEN and admit a trial."""
 
-    def admit(self, cb: CircuitBreaker, now: float) -> None:
+    def admit(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Reject, unless the timeout has passed (then HALF_OPEN decides)."""
-        if cb._retry_after(now) > 0:
-            cb._reject(now)
-        cb._transition(BreakerState.HALF_OPEN, "recovery timeout elapsed", now)
-        _STATES[BreakerState.HALF_OPEN].admit(cb, now)
+        if cb._retry_after(rec, now) > 0:
+            cb._reject(rec, now)
+        cb._transition(rec, BreakerState.HALF_OPEN, "recovery timeout elapsed", now)
+        _STATES[BreakerState.HALF_OPEN].admit(cb, rec, now)
 
 
 class _HalfOpen(_StateBehaviour):
     """HALF_OPEN: admit a fixed number of trials; all succeed -> CLOSED, one fails -> OPEN."""
 
-    def admit(self, cb: CircuitBreaker, now: float) -> None:
+    def admit(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Admit while trial slots remain, else reject."""
-        if cb.storage.trials_admitted >= cb.half_open_max_calls:
-            cb._reject(now)
-        cb.storage.trials_admitted += 1
+        if rec.trials_admitted >= cb.half_open_max_calls:
+            cb._reject(rec, now)
+        rec.trials_admitted += 1
 
-    def on_success(self, cb: CircuitBreaker, now: float) -> None:
+    def on_success(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Close once every trial has succeeded."""
-        cb.storage.trials_succeeded += 1
-        if cb.storage.trials_succeeded >= cb.half_open_max_calls:
-            cb._transition(BreakerState.CLOSED, f"{cb.storage.trials_succeeded} trial call(s) succeeded", now)
+        rec.trials_succeeded += 1
+        if rec.trials_succeeded >= cb.half_open_max_calls:
+            cb._transition(rec, BreakerState.CLOSED, f"{rec.trials_succeeded} trial call(s) succeeded", now)
 
-    def on_failure(self, cb: CircuitBreaker, now: float) -> None:
+    def on_failure(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Reopen at the first failed trial."""
-        cb._transition(BreakerState.OPEN, "trial call failed", now)
+        cb._transition(rec, BreakerState.OPEN, "trial call failed", now)
 
 
 _STATES: dict[BreakerState, _StateBehaviour] = {
@@ -201,7 +179,7 @@ def _resolve_one(name: str) -> type[BaseException]:
 
 
 class CircuitBreaker:
-    """A thread-safe, asyncio-friendly circuit breaker with an injectable clock."""
+    """A thread-safe, asyncio-friendly circuit breaker with an injectable clock and storage."""
 
     def __init__(
         self,
@@ -213,10 +191,11 @@ class CircuitBreaker:
         slow_call_limit_s: float | None = None,
         counted: tuple[type[BaseException], ...] = (Exception,),
         ignored: tuple[type[BaseException], ...] = (),
-        clock: Clock = time.monotonic,
+        clock: Clock | None = None,
         listeners: Iterable[Listener] = (),
         storage: BreakerStorage | None = None,
     ) -> None:
+        """``clock`` defaults to ``time.monotonic``, or to ``time.time`` when the storage is shared."""
         if failure_threshold < 1 or half_open_max_calls < 1 or recovery_timeout_s <= 0:
             raise ConfigError("failure_threshold and half_open_max_calls must be >= 1, recovery_timeout_s > 0")
         self.name = name
@@ -226,20 +205,22 @@ class CircuitBreaker:
         self.slow_call_limit_s = slow_call_limit_s
         self.counted = counted
         self.ignored = ignored
-        self.clock = clock
-        self.storage = storage or BreakerStorage()
-        if self.storage.state is BreakerState.OPEN and self.storage.opened_at is None:
-            self.storage.opened_at = clock()  # an OPEN storage without a time would never time out
+        self.storage: BreakerStorage = storage or MemoryStorage()
+        self.clock: Clock = clock or (time.time if self.storage.shared else time.monotonic)
         self._listeners: list[Listener] = list(listeners)
-        self._lock = threading.Lock()
+        self._pending_lock = threading.Lock()
         self._delivery_lock = threading.RLock()  # one delivery at a time: listeners hear transitions in order
         self._pending: list[Transition] = []
+        with self.storage.transaction() as rec:
+            if rec.state is BreakerState.OPEN and rec.opened_at is None:
+                rec.opened_at = self.clock()  # an OPEN record without a time would never time out
 
     @classmethod
     def from_settings(
-        cls, settings: ReliabilitySettings, *, name: str = "model", clock: Clock = time.monotonic, **kwargs: Any
+        cls, settings: ReliabilitySettings, *, name: str = "model", clock: Clock | None = None, **kwargs: Any
     ) -> CircuitBreaker:
-        """A breaker configured by ``settings.reliability``."""
+        """A breaker configured by ``settings.reliability``, in the storage it names (unless one is given)."""
+        kwargs.setdefault("storage", storage_from_settings(settings, name))
         return cls(
             name,
             failure_threshold=settings.failure_threshold,
@@ -256,12 +237,13 @@ class CircuitBreaker:
     @property
     def state(self) -> BreakerState:
         """The current state (an OPEN breaker whose timeout has passed reports HALF_OPEN)."""
-        with self._lock:
+        with self.storage.transaction() as rec:
             now = self.clock()
-            if self.storage.state is BreakerState.OPEN and self._retry_after(now) <= 0:
-                self._transition(BreakerState.HALF_OPEN, "recovery timeout elapsed", now)
+            if rec.state is BreakerState.OPEN and self._retry_after(rec, now) <= 0:
+                self._transition(rec, BreakerState.HALF_OPEN, "recovery timeout elapsed", now)
+            state = rec.state
         self._notify()
-        return self.storage.state
+        return state
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(transition)`` after every state change (outside the lock; errors are logged)."""
@@ -295,33 +277,33 @@ class CircuitBreaker:
 
     def trip(self, reason: str = "opened by hand") -> None:
         """Force the breaker OPEN now (restarting its timeout), e.g. when recovery gave up on the model."""
-        with self._lock:
+        with self.storage.transaction() as rec:
             now = self.clock()
-            if self.storage.state is BreakerState.OPEN:
-                self.storage.opened_at = now
+            if rec.state is BreakerState.OPEN:
+                rec.opened_at = now
             else:
-                self._transition(BreakerState.OPEN, reason, now)
+                self._transition(rec, BreakerState.OPEN, reason, now)
         self._notify()
 
     def reset(self, reason: str = "reset by hand") -> None:
         """Force the breaker CLOSED with a clean failure streak."""
-        with self._lock:
-            if self.storage.state is not BreakerState.CLOSED:
-                self._transition(BreakerState.CLOSED, reason, self.clock())
+        with self.storage.transaction() as rec:
+            if rec.state is not BreakerState.CLOSED:
+                self._transition(rec, BreakerState.CLOSED, reason, self.clock())
         self._notify()
 
     def retry_after_s(self) -> float:
         """Seconds until an OPEN breaker admits a trial (0 when it is not OPEN)."""
-        with self._lock:
-            if self.storage.state is not BreakerState.OPEN:
+        with self.storage.transaction() as rec:
+            if rec.state is not BreakerState.OPEN:
                 return 0.0
-            return max(0.0, self._retry_after(self.clock()))
+            return max(0.0, self._retry_after(rec, self.clock()))
 
     def snapshot(self) -> dict[str, Any]:
         """State, settings and counters as a JSON-ready dict (for /metrics and diagnostics)."""
         state = self.state
-        with self._lock:
-            counters = asdict(self.storage)
+        with self.storage.transaction() as rec:
+            counters = asdict(rec)
         counters.pop("generation")
         counters.pop("opened_at")
         counters["state"] = state.value
@@ -333,85 +315,86 @@ class CircuitBreaker:
             "recovery_timeout_s": self.recovery_timeout_s,
             "half_open_max_calls": self.half_open_max_calls,
             "slow_call_limit_s": self.slow_call_limit_s,
+            "storage": type(self.storage).__name__,
         }
 
-    # ---- internals (lock held unless said otherwise) ------------------------------------------------------
+    # ---- internals (inside a storage transaction unless said otherwise) ----------------------------------
     def _admit(self) -> _Permit:
         """Ask the current state to admit a call; returns the call's permit or raises CircuitOpenError."""
         try:
-            with self._lock:
+            with self.storage.transaction() as rec:
                 now = self.clock()
-                _STATES[self.storage.state].admit(self, now)
-                self.storage.calls += 1
-                return _Permit(self.storage.generation, now)
+                _STATES[rec.state].admit(self, rec, now)
+                rec.calls += 1
+                return _Permit(rec.generation, now)
         finally:
             self._notify()
 
     def _record_return(self, permit: _Permit) -> None:
         """A call returned: a success, or a failure when it was slower than the slow-call limit."""
-        with self._lock:
+        with self.storage.transaction() as rec:
             now = self.clock()
             limit = self.slow_call_limit_s
             if limit is not None and now - permit.started > limit:
-                self.storage.slow_calls += 1
-                self._on_result(permit, now, failed=True)
+                rec.slow_calls += 1
+                self._on_result(rec, permit, now, failed=True)
             else:
-                self._on_result(permit, now, failed=False)
+                self._on_result(rec, permit, now, failed=False)
         self._notify()
 
     def _record_error(self, permit: _Permit, exc: BaseException) -> None:
         """A call raised: a failure, an ignored business error (success), or a cancellation (slot released)."""
-        with self._lock:
+        with self.storage.transaction() as rec:
             now = self.clock()
             if self.is_failure(exc):
-                self._on_result(permit, now, failed=True)
+                self._on_result(rec, permit, now, failed=True)
             elif isinstance(exc, Exception):
-                self.storage.ignored_errors += 1
-                self._on_result(permit, now, failed=False)
-            elif permit.generation == self.storage.generation and self.storage.state is BreakerState.HALF_OPEN:
-                self.storage.trials_admitted -= 1
+                rec.ignored_errors += 1
+                self._on_result(rec, permit, now, failed=False)
+            elif permit.generation == rec.generation and rec.state is BreakerState.HALF_OPEN:
+                rec.trials_admitted -= 1
         self._notify()
 
-    def _on_result(self, permit: _Permit, now: float, *, failed: bool) -> None:
+    def _on_result(self, rec: BreakerRecord, permit: _Permit, now: float, *, failed: bool) -> None:
         """Count the result; let the state act on it only if the call was admitted in the current state."""
         if failed:
-            self.storage.failures += 1
+            rec.failures += 1
         else:
-            self.storage.successes += 1
-        if permit.generation != self.storage.generation:
+            rec.successes += 1
+        if permit.generation != rec.generation:
             return
-        behaviour = _STATES[self.storage.state]
+        behaviour = _STATES[rec.state]
         if failed:
-            behaviour.on_failure(self, now)
+            behaviour.on_failure(self, rec, now)
         else:
-            behaviour.on_success(self, now)
+            behaviour.on_success(self, rec, now)
 
-    def _transition(self, new: BreakerState, reason: str, now: float) -> None:
+    def _transition(self, rec: BreakerRecord, new: BreakerState, reason: str, now: float) -> None:
         """The only place the state changes: check legality, reset per-state counters, queue the event."""
-        old = self.storage.state
+        old = rec.state
         if new not in _ALLOWED[old]:
             raise RuntimeError(f"illegal circuit breaker transition {old.value} -> {new.value}")
-        storage = self.storage
-        storage.state = new
-        storage.generation += 1
-        storage.trials_admitted = storage.trials_succeeded = 0
-        storage.opened_at = now if new is BreakerState.OPEN else None
+        rec.state = new
+        rec.generation += 1
+        rec.trials_admitted = rec.trials_succeeded = 0
+        rec.opened_at = now if new is BreakerState.OPEN else None
         if new is BreakerState.CLOSED:
-            storage.consecutive_failures = 0
+            rec.consecutive_failures = 0
         key = f"{old.value}->{new.value}"
-        storage.transitions[key] = storage.transitions.get(key, 0) + 1
-        self._pending.append(Transition(self.name, old, new, reason, now))
+        rec.transitions[key] = rec.transitions.get(key, 0) + 1
+        with self._pending_lock:
+            self._pending.append(Transition(self.name, old, new, reason, now))
 
-    def _retry_after(self, now: float) -> float:
+    def _retry_after(self, rec: BreakerRecord, now: float) -> float:
         """Seconds left of the OPEN timeout (may be negative)."""
-        opened_at = self.storage.opened_at if self.storage.opened_at is not None else now
+        opened_at = rec.opened_at if rec.opened_at is not None else now
         return opened_at + self.recovery_timeout_s - now
 
-    def _reject(self, now: float) -> None:
+    def _reject(self, rec: BreakerRecord, now: float) -> None:
         """Count a rejection and raise CircuitOpenError."""
-        self.storage.rejections += 1
-        retry = max(0.0, self._retry_after(now)) if self.storage.state is BreakerState.OPEN else 0.0
-        raise CircuitOpenError(self.name, self.storage.state.value, retry)
+        rec.rejections += 1
+        retry = max(0.0, self._retry_after(rec, now)) if rec.state is BreakerState.OPEN else 0.0
+        raise CircuitOpenError(self.name, rec.state.value, retry)
 
     def _notify(self) -> None:
         """Tell listeners about queued transitions, in order (state lock NOT held); a listener that raises is logged.
@@ -422,7 +405,7 @@ class CircuitBreaker:
         if not self._pending:
             return
         with self._delivery_lock:
-            with self._lock:
+            with self._pending_lock:
                 events, self._pending = self._pending, []
             self._deliver(events)
 

@@ -1,0 +1,187 @@
+"""The breaker on a shared Redis storage: a real redis-server on loopback, several clients and processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fintune.config import ReliabilitySettings
+from fintune.errors import CircuitOpenError
+from fintune.reliability import BreakerState, CircuitBreaker, RedisStorage
+
+redis = pytest.importorskip("redis", reason="the shared breaker storage needs redis-py: pip install 'fintune[redis]'")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(port: int, folder: Path) -> subprocess.Popen[bytes]:
+    """redis-server on 127.0.0.1:port without persistence, once it answers PING."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port, socket_timeout=1)
+    for _ in range(100):
+        try:
+            if client.ping():
+                return process
+        except redis.RedisError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not answer")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    process = start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
+
+
+class ManualClock:
+    """Wall-clock-like seconds that move only when told to (shared by the breakers of one test)."""
+
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker_on(url: str, key: str, clock: ManualClock | None = None, **kwargs: object) -> CircuitBreaker:
+    """A breaker with its own Redis connection, as another process would have."""
+    return CircuitBreaker(storage=RedisStorage.from_url(url, key), clock=clock, **kwargs)  # type: ignore[arg-type]
+
+
+def failing() -> None:
+    raise ConnectionError("model down")
+
+
+def test_failures_seen_by_one_breaker_open_all_of_them(redis_url: str) -> None:
+    key, clock = f"test:{uuid.uuid4()}", ManualClock()
+    first, second = breaker_on(redis_url, key, clock), breaker_on(redis_url, key, clock)
+    for breaker in (first, second, first, second):  # four failures, counted together
+        with pytest.raises(ConnectionError):
+            breaker.call(failing)
+    assert first.state is second.state is BreakerState.CLOSED
+    with pytest.raises(ConnectionError):
+        second.call(failing)
+    assert first.state is BreakerState.OPEN  # the fifth, in the other breaker, opened this one
+    calls = []
+    with pytest.raises(CircuitOpenError) as rejected:
+        first.call(lambda: calls.append(1))
+    assert calls == [] and rejected.value.retry_after_s == pytest.approx(30)
+
+    clock.now += 31  # one trial for the whole group, not one per breaker
+    gate, release = threading.Event(), threading.Event()
+
+    def trial() -> str:
+        gate.set()
+        release.wait(5)
+        return "ok"
+
+    worker = threading.Thread(target=lambda: first.call(trial))
+    worker.start()
+    assert gate.wait(5)
+    with pytest.raises(CircuitOpenError):
+        second.call(lambda: "second trial")
+    release.set()
+    worker.join(5)
+    assert first.state is second.state is BreakerState.CLOSED
+    snapshot = second.snapshot()
+    assert snapshot["storage"] == "RedisStorage"
+    assert snapshot["failures"] == 5 and snapshot["rejections"] == 2 and snapshot["successes"] == 1
+    assert snapshot["transitions"] == {"closed->open": 1, "open->half_open": 1, "half_open->closed": 1}
+
+
+CHILD = """
+import sys, time
+from fintune.reliability import CircuitBreaker, RedisStorage
+breaker = CircuitBreaker(storage=RedisStorage.from_url(sys.argv[1], sys.argv[2]))
+time.sleep(max(0.0, float(sys.argv[4]) - time.time()))  # start together with the others
+for _ in range(int(sys.argv[3])):
+    breaker.call(lambda: None)
+print(breaker.state.value)
+"""
+
+
+def test_processes_and_threads_lose_no_update(redis_url: str) -> None:
+    key, start_at = f"test:{uuid.uuid4()}", time.time() + 4
+    children = [
+        subprocess.Popen([sys.executable, "-c", CHILD, redis_url, key, "200", str(start_at)], stdout=subprocess.PIPE,
+                         text=True, cwd=PROJECT_ROOT)
+        for _ in range(2)
+    ]
+    here = breaker_on(redis_url, key)
+    time.sleep(max(0.0, start_at - time.time()))
+    threads = [threading.Thread(target=lambda: [here.call(lambda: None) for _ in range(50)]) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    outputs = [child.communicate(timeout=60)[0].strip() for child in children]
+    assert [child.returncode for child in children] == [0, 0] and outputs == ["closed", "closed"]
+    stored = json.loads(redis.Redis.from_url(redis_url).get(key))
+    assert stored["calls"] == stored["successes"] == 2 * 200 + 3 * 50
+
+
+def test_a_shared_breaker_keeps_wall_clock_times() -> None:
+    storage = RedisStorage(redis.Redis(port=free_port()), "unused")
+    assert CircuitBreaker(storage=storage).clock is time.time
+    assert CircuitBreaker().clock is time.monotonic  # in memory: monotonic, as before
+
+
+def test_without_redis_each_process_keeps_its_own_breaker_until_redis_is_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    port, key = free_port(), f"test:{uuid.uuid4()}"
+    url = f"redis://127.0.0.1:{port}/0"
+    with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"):
+        breaker = CircuitBreaker(storage=RedisStorage.from_url(url, key, timeout_s=0.2), failure_threshold=2)
+        assert breaker.call(lambda: "answer") == "answer"  # no Redis: the call still runs
+        for _ in range(2):
+            with pytest.raises(ConnectionError):
+                breaker.call(failing)
+        assert breaker.state is BreakerState.OPEN  # and the breaker still protects this process
+    unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(unreachable) == 1  # warned once for the whole outage
+
+    process = start_redis(port, tmp_path)
+    try:
+        breaker.reset("redis is back")
+        stored = json.loads(redis.Redis(port=port).get(key))
+        assert stored["state"] == "closed" and stored["failures"] == 2  # the local record went to Redis
+        assert any("answers again" in r.getMessage() for r in caplog.records)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_settings_choose_the_redis_storage_and_its_key(redis_url: str) -> None:
+    settings = ReliabilitySettings(breaker_storage="redis", redis_url=redis_url)
+    breaker = CircuitBreaker.from_settings(settings)
+    assert isinstance(breaker.storage, RedisStorage) and breaker.storage.key == "fintune:breaker:model"
+    named = CircuitBreaker.from_settings(settings.model_copy(update={"redis_key": "desk-a:cpu"}))
+    assert named.storage.key == "desk-a:cpu"  # type: ignore[attr-defined]
+    assert type(CircuitBreaker.from_settings(ReliabilitySettings()).storage).__name__ == "MemoryStorage"
