@@ -185,3 +185,18 @@ def test_settings_choose_the_redis_storage_and_its_key(redis_url: str) -> None:
     named = CircuitBreaker.from_settings(settings.model_copy(update={"redis_key": "desk-a:cpu"}))
     assert named.storage.key == "desk-a:cpu"  # type: ignore[attr-defined]
     assert type(CircuitBreaker.from_settings(ReliabilitySettings()).storage).__name__ == "MemoryStorage"
+
+
+def test_an_unreadable_record_is_replaced_not_fatal(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    key = f"test:{uuid.uuid4()}"
+    server = redis.Redis.from_url(redis_url)
+    server.set(key, "not json")
+    breaker = breaker_on(redis_url, key)
+    with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"):
+        assert breaker.call(lambda: "answer") == "answer"
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert json.loads(server.get(key))["successes"] == 1
+    newer = json.loads(server.get(key)) | {"field_of_a_newer_version": 1}
+    server.set(key, json.dumps(newer))
+    assert breaker.call(lambda: "again") == "again"  # unknown fields are dropped
+    assert json.loads(server.get(key))["successes"] == 2

@@ -72,9 +72,14 @@ class BreakerRecord:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> BreakerRecord:
-        """The record a :meth:`to_json` string describes."""
-        values: dict[str, Any] = json.loads(raw)
-        values["state"] = BreakerState(values["state"])
+        """The record a :meth:`to_json` string describes (fields it does not know, from another version, are
+        dropped); ValueError when it is not one."""
+        values = json.loads(raw)
+        if not isinstance(values, dict):
+            raise ValueError("a breaker record is a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in known}
+        values["state"] = BreakerState(values.get("state", BreakerState.CLOSED))
         return cls(**values)
 
 
@@ -168,7 +173,14 @@ class RedisStorage:
             if acquired:
                 self._release(lock)
             return None
-        return BreakerRecord.from_json(raw) if raw is not None else self._copy(self._fallback)
+        if raw is None:
+            return self._copy(self._fallback)
+        try:
+            return BreakerRecord.from_json(raw)
+        except (ValueError, TypeError) as exc:  # not ours, or corrupt: start again rather than fail every call
+            log.warning("circuit breaker storage %r: the stored record is unreadable (%s); starting from this "
+                        "process's own", self.key, exc)
+            return self._copy(self._fallback)
 
     def _save(self, record: BreakerRecord) -> None:
         """Write the record back (and remember it, in case Redis goes away)."""
