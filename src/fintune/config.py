@@ -412,6 +412,9 @@ class ReliabilitySettings(Section):
     redis_timeout_s: float = Field(
         1.0, gt=0, description="Seconds a Redis call may take before the breaker falls back to its own record."
     )
+    redis_retry_s: float = Field(
+        5.0, ge=0, description="After a Redis failure, seconds each process uses its own record before trying again."
+    )
     recovery: RecoverySettings = Field(default_factory=RecoverySettings)
 
 

@@ -158,17 +158,23 @@ def test_without_redis_each_process_keeps_its_own_breaker_until_redis_is_back(
     port, key = free_port(), f"test:{uuid.uuid4()}"
     url = f"redis://127.0.0.1:{port}/0"
     with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"):
-        breaker = CircuitBreaker(storage=RedisStorage.from_url(url, key, timeout_s=0.2), failure_threshold=2)
+        storage = RedisStorage.from_url(url, key, timeout_s=0.2, retry_interval_s=60)
+        breaker = CircuitBreaker(storage=storage, failure_threshold=2)
         assert breaker.call(lambda: "answer") == "answer"  # no Redis: the call still runs
+        attempts = []
+        lock = storage.client.lock
+        storage.client.lock = lambda *a, **k: attempts.append(1) or lock(*a, **k)  # type: ignore[method-assign]
         for _ in range(2):
             with pytest.raises(ConnectionError):
                 breaker.call(failing)
         assert breaker.state is BreakerState.OPEN  # and the breaker still protects this process
+        assert attempts == []  # within retry_interval_s, Redis is not tried (nor waited for) again
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(unreachable) == 1  # warned once for the whole outage
 
     process = start_redis(port, tmp_path)
     try:
+        storage.retry_interval_s, storage._retry_at = 0.0, 0.0  # time to try again
         breaker.reset("redis is back")
         stored = json.loads(redis.Redis(port=port).get(key))
         assert stored["state"] == "closed" and stored["failures"] == 2  # the local record went to Redis
@@ -182,6 +188,7 @@ def test_settings_choose_the_redis_storage_and_its_key(redis_url: str) -> None:
     settings = ReliabilitySettings(breaker_storage="redis", redis_url=redis_url)
     breaker = CircuitBreaker.from_settings(settings)
     assert isinstance(breaker.storage, RedisStorage) and breaker.storage.key == "fintune:breaker:model"
+    assert breaker.storage.retry_interval_s == settings.redis_retry_s == 5.0
     named = CircuitBreaker.from_settings(settings.model_copy(update={"redis_key": "desk-a:cpu"}))
     assert named.storage.key == "desk-a:cpu"  # type: ignore[attr-defined]
     assert type(CircuitBreaker.from_settings(ReliabilitySettings()).storage).__name__ == "MemoryStorage"

@@ -11,8 +11,9 @@ script: redis-py's :class:`redis.lock.Lock`) around a read and a write of one JS
 ``fintune serve --workers N``, or the replicas of ``fintune classify --engine ray`` on several machines, open and
 close one breaker together. Times in a shared record are wall-clock seconds (``time.time``): a monotonic clock
 means nothing in another process. When Redis cannot be reached the storage does not fail the model call: it logs
-a warning once and keeps a record of its own in memory (starting from the last one it saw) until Redis answers
-again; each process then protects itself, as with :class:`MemoryStorage`.
+a warning once and keeps a record of its own in memory (starting from the last one it saw), trying Redis again
+every ``retry_interval_s`` (5 s) until it answers; each process then protects itself, as with
+:class:`MemoryStorage`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -123,29 +125,37 @@ class RedisStorage:
 
     shared = True
 
-    def __init__(self, client: redis.Redis, key: str, *, lock_timeout_s: float = 5.0) -> None:
-        """Keep the record under ``key`` (and its lock under ``key + ':lock'``) in the Redis ``client`` talks to."""
+    def __init__(
+        self, client: redis.Redis, key: str, *, lock_timeout_s: float = 5.0, retry_interval_s: float = 5.0
+    ) -> None:
+        """Keep the record under ``key`` (and its lock under ``key + ':lock'``) in the Redis ``client`` talks to;
+        after a Redis failure, try Redis again only every ``retry_interval_s`` (meanwhile: the own record)."""
         self.client = client
         self.key = key
         self.lock_timeout_s = lock_timeout_s
+        self.retry_interval_s = retry_interval_s
         self._local = threading.Lock()  # one transaction of this process at a time
         self._fallback = BreakerRecord()  # used, and kept up to date, while Redis cannot be reached
         self._reachable = True
+        self._retry_at = 0.0  # monotonic time before which an unreachable Redis is not tried again
 
     @classmethod
-    def from_url(cls, url: str, key: str, *, timeout_s: float = 1.0, lock_timeout_s: float = 5.0) -> RedisStorage:
+    def from_url(cls, url: str, key: str, *, timeout_s: float = 1.0, **kwargs: float) -> RedisStorage:
         """A storage on the Redis at ``url`` (``redis://host:6379/0``), giving up on a call after ``timeout_s``."""
         try:
             import redis
         except ImportError as exc:
             raise ConfigError(_REDIS_HINT) from exc
         client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, key, lock_timeout_s=lock_timeout_s)
+        return cls(client, key, **kwargs)
 
     @contextmanager
     def transaction(self) -> Iterator[BreakerRecord]:
         """Lock, read, hand out, write back, unlock; the process's own record while Redis is unreachable."""
         with self._local:
+            if not self._reachable and time.monotonic() < self._retry_at:
+                yield self._fallback  # Redis failed a moment ago: do not wait on it for every call
+                return
             lock = self.client.lock(f"{self.key}:lock", timeout=self.lock_timeout_s,
                                     blocking_timeout=self.lock_timeout_s, sleep=_LOCK_POLL_S)
             record = self._load(lock)
@@ -211,7 +221,8 @@ class RedisStorage:
             self._unreachable(exc)
 
     def _unreachable(self, exc: BaseException) -> None:
-        """Warn once per outage that this process now keeps its breaker to itself."""
+        """Warn once per outage that this process now keeps its breaker to itself; retry Redis later."""
+        self._retry_at = time.monotonic() + self.retry_interval_s
         if self._reachable:
             log.warning("circuit breaker storage %r: Redis unreachable (%s: %s); this process keeps its own "
                         "breaker until Redis answers", self.key, type(exc).__name__, exc)
@@ -223,4 +234,5 @@ def storage_from_settings(settings: ReliabilitySettings, name: str) -> BreakerSt
     if settings.breaker_storage == "memory":
         return MemoryStorage()
     key = settings.redis_key or f"fintune:breaker:{name}"
-    return RedisStorage.from_url(settings.redis_url, key, timeout_s=settings.redis_timeout_s)
+    return RedisStorage.from_url(settings.redis_url, key, timeout_s=settings.redis_timeout_s,
+                                 retry_interval_s=settings.redis_retry_s)
