@@ -1,8 +1,14 @@
-"""Shared fixtures: offline hub, the shared Financial PhraseBank (skip when absent), a tiny PhraseBank on disk."""
+"""Shared fixtures: offline hub, the shared Financial PhraseBank (skip when absent), a tiny PhraseBank on disk, a
+real redis-server on loopback (skip when absent)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +62,45 @@ def write_tiny_phrasebank(folder: Path, per_label: int = 20) -> Path:
 def tiny_data_dir(tmp_path: Path) -> Path:
     """A folder holding a tiny PhraseBank (61 unique sentences per subset)."""
     return write_tiny_phrasebank(tmp_path / "phrasebank")
+
+
+RedisStarter = Callable[[int, Path], "subprocess.Popen[bytes]"]
+
+
+@pytest.fixture(scope="session")
+def start_redis() -> RedisStarter:
+    """A function starting a real redis-server on 127.0.0.1:port (no persistence) once it answers PING; the test
+    is skipped when redis-server or redis-py is not installed."""
+    redis = pytest.importorskip("redis", reason="the shared breaker needs redis-py: pip install 'fintune[redis]'")
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (Debian: apt-get install redis-server)")
+
+    def start(port: int, folder: Path) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=port, socket_timeout=1)
+        for _ in range(100):
+            try:
+                if client.ping():
+                    return process
+            except redis.RedisError:
+                time.sleep(0.05)
+        process.kill()
+        raise RuntimeError("redis-server did not answer PING")
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def redis_url(start_redis: RedisStarter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a redis-server running for the whole session (give each test its own key)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    process = start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    process.terminate()
+    process.wait(10)
