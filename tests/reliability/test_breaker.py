@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -162,6 +163,28 @@ def test_half_open_admits_only_the_configured_number_of_trials() -> None:
         t.join(timeout=5)
     assert results == ["ok", "ok"]
     assert breaker.state is BreakerState.CLOSED
+
+
+def test_a_trial_that_never_answers_is_given_up_after_the_recovery_timeout() -> None:
+    """A lost trial (its caller hung or died) must not hold HALF_OPEN's only slot forever."""
+    clock = ManualClock()
+    breaker = make(clock, failure_threshold=1, recovery_timeout_s=30)
+    fail_times(breaker, FlakyModel(1), 1)
+    clock.advance(30)
+    release, lost = threading.Event(), []
+    hung = threading.Thread(target=lambda: lost.append(breaker.call(release.wait, 5)))
+    hung.start()
+    while breaker.snapshot()["trials_admitted"] == 0:
+        time.sleep(0.01)
+    clock.advance(30)  # exactly the timeout: the trial still holds its slot
+    with pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "too early")
+    clock.advance(1)
+    assert breaker.call(lambda: "fresh trial") == "fresh trial"  # the lost trial's slot was taken back
+    assert breaker.state is BreakerState.CLOSED
+    release.set()
+    hung.join(5)
+    assert lost == [True] and breaker.state is BreakerState.CLOSED  # its late answer changed nothing
 
 
 def test_only_counted_exceptions_are_failures_and_business_errors_are_excluded() -> None:

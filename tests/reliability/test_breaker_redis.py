@@ -116,6 +116,27 @@ def test_processes_and_threads_lose_no_update(redis_url: str) -> None:
     assert stored["calls"] == stored["successes"] == 2 * 200 + 3 * 50
 
 
+DYING_TRIAL = """
+import os, sys
+from fintune.reliability import CircuitBreaker, RedisStorage
+breaker = CircuitBreaker(storage=RedisStorage.from_url(sys.argv[1], sys.argv[2]), recovery_timeout_s=0.5)
+breaker.call(lambda: os._exit(3))  # admitted as the trial, then the process dies holding its slot
+"""
+
+
+def test_a_process_dying_in_its_trial_does_not_wedge_the_others(redis_url: str) -> None:
+    key = f"test:{uuid.uuid4()}"
+    here = breaker_on(redis_url, key, recovery_timeout_s=0.5)
+    here.trip("test")
+    time.sleep(0.6)
+    child = subprocess.run([sys.executable, "-c", DYING_TRIAL, redis_url, key], cwd=PROJECT_ROOT, timeout=60)
+    assert child.returncode == 3
+    assert json.loads(redis.Redis.from_url(redis_url).get(key))["trials_admitted"] == 1
+    time.sleep(0.6)  # longer than the recovery timeout since the dead trial started
+    assert here.call(lambda: "ok") == "ok"
+    assert here.state is BreakerState.CLOSED
+
+
 def test_a_shared_breaker_keeps_wall_clock_times() -> None:
     storage = RedisStorage(redis.Redis(port=free_port()), "unused")
     assert CircuitBreaker(storage=storage).clock is time.time

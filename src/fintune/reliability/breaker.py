@@ -9,7 +9,10 @@ The pattern is Michael T. Nygard's (*Release It!*, 2007); the semantics follow r
   ``recovery_timeout_s`` (default 30 s) the next call (or a read of :attr:`CircuitBreaker.state`) moves it to
   HALF_OPEN.
 * **HALF_OPEN** — ``half_open_max_calls`` trial calls (default 1) are let through, any more are rejected. When
-  all of them succeed the breaker closes; the first failure reopens it and restarts the timeout.
+  all of them succeed the breaker closes; the first failure reopens it and restarts the timeout. Trials that
+  have not answered within ``recovery_timeout_s`` are given up (their process may have died while holding a
+  shared breaker's trial slots): the next call gets fresh trial slots, and the lost trials' late results only
+  update the counters.
 
 A *failure* is an exception that is an instance of a counted type (default ``Exception``) and not of an
 ignored type (business errors, e.g. invalid input: they mean the model answered, so they count as
@@ -135,10 +138,14 @@ class _HalfOpen(_StateBehaviour):
     """HALF_OPEN: admit a fixed number of trials; all succeed -> CLOSED, one fails -> OPEN."""
 
     def admit(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
-        """Admit while trial slots remain, else reject."""
+        """Admit while trial slots remain, or when the last trial is older than the recovery timeout; else reject."""
         if rec.trials_admitted >= cb.half_open_max_calls:
-            cb._reject(rec, now)
+            if rec.trial_started_at is None or now - rec.trial_started_at <= cb.recovery_timeout_s:
+                cb._reject(rec, now)
+            rec.generation += 1  # the lost trials' results no longer decide anything
+            rec.trials_admitted = rec.trials_succeeded = 0
         rec.trials_admitted += 1
+        rec.trial_started_at = now
 
     def on_success(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Close once every trial has succeeded."""
@@ -304,8 +311,8 @@ class CircuitBreaker:
         state = self.state
         with self.storage.transaction() as rec:
             counters = asdict(rec)
-        counters.pop("generation")
-        counters.pop("opened_at")
+        for internal in ("generation", "opened_at", "trial_started_at"):
+            counters.pop(internal)
         counters["state"] = state.value
         return {
             "name": self.name,
@@ -377,6 +384,7 @@ class CircuitBreaker:
         rec.state = new
         rec.generation += 1
         rec.trials_admitted = rec.trials_succeeded = 0
+        rec.trial_started_at = None
         rec.opened_at = now if new is BreakerState.OPEN else None
         if new is BreakerState.CLOSED:
             rec.consecutive_failures = 0

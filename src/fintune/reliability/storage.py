@@ -60,6 +60,7 @@ class BreakerRecord:
     opened_at: float | None = None
     trials_admitted: int = 0
     trials_succeeded: int = 0
+    trial_started_at: float | None = None
     calls: int = 0
     successes: int = 0
     failures: int = 0
