@@ -33,6 +33,8 @@ def test_a_breaker_opened_elsewhere_stops_the_service_and_its_reset_frees_it(
         elsewhere = CircuitBreaker(storage=RedisStorage.from_url(redis_url, key))
         elsewhere.trip("opened by another worker")
         assert http.get("/readyz").status_code == 503
+        assert http.get("/metrics/json").json()["breaker_state"] == "open"  # though no listener here heard it
+        assert "fintune_circuit_breaker_state 2.0" in http.get("/metrics").text
         answer = http.post("/v1/classify", json={"text": "Net sales rose 6 %."}).json()
         assert answer["degraded"] and answer["model"]["name"].startswith("tfidf-")  # the model was not called
 

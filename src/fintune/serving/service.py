@@ -131,6 +131,12 @@ class Services:
             except (FinTuneError, OSError, ValueError) as exc:
                 logger.info("no drift baseline (%s): drift detection is off", exc)
 
+    def current_monitor(self) -> SystemMonitor:
+        """The monitor, told the breaker's state as it is now (a shared breaker may have been moved by another
+        process, whose transitions this process's listeners never hear)."""
+        self.monitor.set_breaker_state(self.breaker.state.value)
+        return self.monitor
+
     async def wait_until_loaded(self) -> None:
         """Return once the background model load has finished (ready or failed)."""
         if self._model_task is not None:

@@ -17,7 +17,7 @@ router = APIRouter(tags=["metrics"])
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
     """The monitor's registry in Prometheus text format."""
-    return Response(generate_latest(services.monitor.prometheus_registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(services.current_monitor().prometheus_registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics/json", summary="Monitor snapshot (JSON)")
@@ -32,4 +32,4 @@ async def metrics_json(
             "queue_depth": services.batcher.depth,
             "batching": services.batcher.stats.as_dict(),
         }
-    return {**services.monitor.snapshot(), "serving": serving, "request_id": request_id}
+    return {**services.current_monitor().snapshot(), "serving": serving, "request_id": request_id}
