@@ -23,7 +23,7 @@ Decoded path (``inference.dequantize_base``): each 4-bit layer's weights are dec
 compute dtype) every layer then multiplies by the very weights it would decode on each call, in the same dtypes
 (with ``upcast_unquantized``, embeddings, norms and head in fp32 as trained), without decoding them per call; in
 fp32 it holds the same decoded values and multiplies in fp32, which is faster where the CPU's bf16 products are
-slower than its fp32 ones. ``inference.dtype: auto`` measures which it is (:mod:`fintune.model.precision`).
+slower than its fp32 ones. ``inference.dtype: auto`` picks it from the CPU's features (:mod:`fintune.model.precision`).
 """
 
 from __future__ import annotations

@@ -245,9 +245,7 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         """The current state (an OPEN breaker whose timeout has passed reports HALF_OPEN)."""
         with self.storage.transaction() as rec:
-            now = self.clock()
-            if rec.state is BreakerState.OPEN and self._retry_after(rec, now) <= 0:
-                self._transition(rec, BreakerState.HALF_OPEN, "recovery timeout elapsed", now)
+            self._half_open_if_due(rec, self.clock())
             state = rec.state
         self._notify()
         return state
@@ -302,22 +300,23 @@ class CircuitBreaker:
     def retry_after_s(self) -> float:
         """Seconds until an OPEN breaker admits a trial (0 when it is not OPEN)."""
         with self.storage.transaction() as rec:
-            if rec.state is not BreakerState.OPEN:
-                return 0.0
-            return max(0.0, self._retry_after(rec, self.clock()))
+            return self._seconds_to_trial(rec, self.clock())
 
     def snapshot(self) -> dict[str, Any]:
-        """State, settings and counters as a JSON-ready dict (for /metrics and diagnostics)."""
-        state = self.state
+        """State, settings and counters as a JSON-ready dict (for /metrics and diagnostics), read at once."""
         with self.storage.transaction() as rec:
+            now = self.clock()
+            self._half_open_if_due(rec, now)
             counters = asdict(rec)
+            retry_after = self._seconds_to_trial(rec, now)
+        self._notify()
         for internal in ("generation", "opened_at", "trial_started_at"):
             counters.pop(internal)
-        counters["state"] = state.value
+        counters["state"] = counters["state"].value
         return {
             "name": self.name,
             **counters,
-            "retry_after_s": self.retry_after_s(),
+            "retry_after_s": retry_after,
             "failure_threshold": self.failure_threshold,
             "recovery_timeout_s": self.recovery_timeout_s,
             "half_open_max_calls": self.half_open_max_calls,
@@ -393,6 +392,15 @@ class CircuitBreaker:
         with self._pending_lock:
             self._pending.append(Transition(self.name, old, new, reason, now))
 
+    def _half_open_if_due(self, rec: BreakerRecord, now: float) -> None:
+        """Move an OPEN record whose timeout has passed to HALF_OPEN (what any read of the state sees)."""
+        if rec.state is BreakerState.OPEN and self._retry_after(rec, now) <= 0:
+            self._transition(rec, BreakerState.HALF_OPEN, "recovery timeout elapsed", now)
+
+    def _seconds_to_trial(self, rec: BreakerRecord, now: float) -> float:
+        """Seconds until an OPEN record admits a trial; 0 in any other state."""
+        return max(0.0, self._retry_after(rec, now)) if rec.state is BreakerState.OPEN else 0.0
+
     def _retry_after(self, rec: BreakerRecord, now: float) -> float:
         """Seconds left of the OPEN timeout (may be negative)."""
         opened_at = rec.opened_at if rec.opened_at is not None else now
@@ -401,8 +409,7 @@ class CircuitBreaker:
     def _reject(self, rec: BreakerRecord, now: float) -> None:
         """Count a rejection and raise CircuitOpenError."""
         rec.rejections += 1
-        retry = max(0.0, self._retry_after(rec, now)) if rec.state is BreakerState.OPEN else 0.0
-        raise CircuitOpenError(self.name, rec.state.value, retry)
+        raise CircuitOpenError(self.name, rec.state.value, self._seconds_to_trial(rec, now))
 
     def _notify(self) -> None:
         """Tell listeners about queued transitions, in order (state lock NOT held); a listener that raises is logged.
