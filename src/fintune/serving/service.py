@@ -76,7 +76,7 @@ class Services:
         self._install_log_redaction()
         if self.fallback == AUTO:
             self.fallback = await asyncio.to_thread(load_baseline, self.settings)
-        slot = ModelSlot(self._loader(), self.settings, self.breaker)
+        slot = ModelSlot(model_loader(self.settings, self.classifier), self.settings, self.breaker)
         self.breaker.add_listener(self.monitor.on_breaker_transition)
         self.monitor.set_breaker_state(self.breaker.state.value)
         self.pipeline = ClassificationPipeline(
@@ -111,15 +111,6 @@ class Services:
             from fintune.guardrails import install_log_redaction
 
             self._uninstall_redaction = install_log_redaction(self.guard)  # type: ignore[arg-type]
-
-    def _loader(self) -> Callable[[], BatchClassifier]:
-        """What loads (and reloads) the model."""
-        source = self.classifier
-        if source is None:
-            return lambda: load_classifier(self.settings)
-        if isinstance(source, BatchClassifier):
-            return lambda: source
-        return source
 
     async def _load_model(self, slot: ModelSlot) -> None:
         """Load the model off the event loop; then wire drift detection when a baseline file exists."""
@@ -315,13 +306,21 @@ def sentence_result(index: int, outcome: ItemOutcome) -> dict[str, Any]:
     }
 
 
+def model_loader(settings: Settings, source: ClassifierSource) -> Callable[[], BatchClassifier]:
+    """What loads (and reloads) the model: the profile's trained model, a given classifier, or a given loader."""
+    if source is None:
+        return lambda: load_classifier(settings)
+    if isinstance(source, BatchClassifier):
+        return lambda: source
+    return source
+
+
 def offline_pipeline(settings: Settings, classifier: ClassifierSource = None) -> ClassificationPipeline:
     """The service's pipeline for use in this thread (``fintune classify``): guard, breaker, model, baseline."""
     from fintune.guardrails import PIIGuard
 
     breaker = CircuitBreaker.from_settings(settings.reliability)
-    loader = Services(settings, classifier, None, breaker, SystemMonitor(settings.monitoring), None)._loader()
-    slot = ModelSlot(loader, settings, breaker)
+    slot = ModelSlot(model_loader(settings, classifier), settings, breaker)
     slot.load()
     fallback = load_baseline(settings) if settings.serving.degraded_mode == "baseline" else None
     return ClassificationPipeline(
