@@ -198,3 +198,18 @@ def test_an_unreadable_record_is_replaced_not_fatal(redis_url: str, caplog: pyte
     server.set(key, json.dumps(newer))
     assert breaker.call(lambda: "again") == "again"  # unknown fields are dropped
     assert json.loads(server.get(key))["successes"] == 2
+
+
+def test_a_lock_held_elsewhere_is_reported_as_such_and_does_not_block_the_call(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = f"test:{uuid.uuid4()}"
+    server = redis.Redis.from_url(redis_url)
+    server.set(f"{key}:lock", "another-process-token", px=60_000)  # taken by a process that never releases it
+    storage = RedisStorage(redis.Redis.from_url(redis_url), key, lock_timeout_s=0.2, retry_interval_s=60)
+    with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"):
+        assert CircuitBreaker(storage=storage).call(lambda: "answer") == "answer"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "lock failed" in warnings[0] and "unreachable" not in warnings[0]
+    assert "another process holds it" in warnings[0] and "every 60 s" in warnings[0]
+    assert server.get(key) is None  # nothing written under a lock this process does not hold

@@ -177,7 +177,10 @@ class RedisStorage:
         try:
             acquired = bool(lock.acquire())
             if not acquired:
-                raise redis.exceptions.LockError(f"{self.key}:lock not acquired within {self.lock_timeout_s} s")
+                raise redis.exceptions.LockError(
+                    f"{self.key}:lock not acquired within {self.lock_timeout_s} s: another process holds it, or "
+                    f"died holding it (a lock expires {self.lock_timeout_s} s after it is taken)"
+                )
             raw = self.client.get(self.key)
         except redis.RedisError as exc:
             self._unreachable(exc)
@@ -223,10 +226,16 @@ class RedisStorage:
 
     def _unreachable(self, exc: BaseException) -> None:
         """Warn once per outage that this process now keeps its breaker to itself; retry Redis later."""
+        import redis
+
         self._retry_at = time.monotonic() + self.retry_interval_s
         if self._reachable:
-            log.warning("circuit breaker storage %r: Redis unreachable (%s: %s); this process keeps its own "
-                        "breaker until Redis answers", self.key, type(exc).__name__, exc)
+            # a lock error comes from a Redis that answers: say so rather than send the reader to the network
+            cause = "the shared record's lock failed" if isinstance(exc, redis.exceptions.LockError) else (
+                "Redis unreachable"
+            )
+            log.warning("circuit breaker storage %r: %s (%s: %s); this process keeps its own breaker and tries "
+                        "Redis again every %s s", self.key, cause, type(exc).__name__, exc, self.retry_interval_s)
             self._reachable = False
 
 
