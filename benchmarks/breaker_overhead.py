@@ -31,8 +31,7 @@ from fintune.config import MonitoringSettings, ReliabilitySettings
 from fintune.errors import CircuitOpenError
 from fintune.monitoring.drift import kl_divergence, smoothed
 from fintune.provenance import provenance
-from fintune.reliability import CircuitBreaker, RedisStorage
-from fintune.reliability.breaker import BreakerStorage
+from fintune.reliability import BreakerStorage, CircuitBreaker, RedisStorage
 
 RESULT = Path(__file__).parent / "results" / "breaker_overhead.json"
 BASELINE_SHARES = (0.12, 0.60, 0.28)  # about Financial PhraseBank's negative / neutral / positive shares

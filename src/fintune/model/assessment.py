@@ -17,6 +17,7 @@ import logging
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,11 +79,10 @@ def weights_dtype(classifier: Classifier) -> str | None:
     model = getattr(classifier, "model", None)
     if not hasattr(model, "parameters"):
         return None
-    counts: dict[str, int] = {}
+    counts: Counter[str] = Counter()
     for param in model.parameters():
-        name = str(param.dtype).removeprefix("torch.")
-        counts[name] = counts.get(name, 0) + param.numel()
-    return max(counts, key=counts.__getitem__) if counts else None
+        counts[str(param.dtype).removeprefix("torch.")] += param.numel()
+    return counts.most_common(1)[0][0] if counts else None
 
 
 def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str, Any]) -> list[Example]:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from fintune.config import ModelSettings, QuantizationSettings
 from fintune.errors import ModelError
+from fintune.model.precision import resolve_dtype
 
 BLOCK_SIZE = 64
 """Weights per absmax constant in bitsandbytes' 4-bit formats."""
@@ -22,11 +23,6 @@ SECOND_LEVEL_BLOCK = 256
 """Absmax constants per fp32 constant under double quantization."""
 UNQUANTIZED_MODULES = ("lm_head",)
 """Linear layers transformers leaves unquantized (the output head)."""
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a settings name ('bfloat16', 'float16', 'float32')."""
-    return getattr(torch, name)
 
 
 def bnb_config(quant: QuantizationSettings) -> BitsAndBytesConfig | None:
@@ -37,7 +33,7 @@ def bnb_config(quant: QuantizationSettings) -> BitsAndBytesConfig | None:
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(quant.compute_dtype),
+        bnb_4bit_compute_dtype=resolve_dtype(quant.compute_dtype),
     )
 
 
@@ -45,7 +41,7 @@ def load_base(source: str, model: ModelSettings) -> PreTrainedModel:
     """The base causal LM from a hub id or folder, quantized to 4 bits when the profile says so."""
     quant = model.quantization
     config = bnb_config(quant)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(quant.compute_dtype), "attn_implementation": model.attention}
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(quant.compute_dtype), "attn_implementation": model.attention}
     if config is not None:
         kwargs["quantization_config"] = config
         kwargs["device_map"] = {"": _device()}

@@ -230,10 +230,8 @@ class RedisStorage:
 
         self._retry_at = time.monotonic() + self.retry_interval_s
         if self._reachable:
-            # a lock error comes from a Redis that answers: say so rather than send the reader to the network
-            cause = "the shared record's lock failed" if isinstance(exc, redis.exceptions.LockError) else (
-                "Redis unreachable"
-            )
+            lock_failed = isinstance(exc, redis.exceptions.LockError)  # Redis answered: not a network problem
+            cause = "the shared record's lock failed" if lock_failed else "Redis unreachable"
             log.warning("circuit breaker storage %r: %s (%s: %s); this process keeps its own breaker and tries "
                         "Redis again every %s s", self.key, cause, type(exc).__name__, exc, self.retry_interval_s)
             self._reachable = False
