@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sklearn.model_selection import train_test_split
-
 from fintune import LABELS
 from fintune.config import PROJECT_ROOT, Settings
 from fintune.errors import DataFormatError, DataNotFoundError, UnknownSubsetError
@@ -266,6 +264,8 @@ def load_splits(settings: Settings, subset: str | None = None) -> DataSplits:
 
 def split(examples: list[Example], settings: Settings) -> tuple[list[Example], list[Example], list[Example]]:
     """Stratified train / validation / test lists, in id order, from the profile's fractions and seed."""
+    from sklearn.model_selection import train_test_split  # a second to import: only where data is split
+
     cfg = settings.data
     labels = [example.label for example in examples]
     rest, test = train_test_split(

@@ -26,6 +26,25 @@ def test_every_command_has_help(capfd: pytest.CaptureFixture[str]) -> None:
         assert code == 0 and "Usage" in out, name
 
 
+HEAVY_STACKS = ("torch", "transformers", "presidio_analyzer", "spacy", "sklearn", "matplotlib", "bitsandbytes",
+                "peft", "trl", "ray")
+
+
+def test_help_imports_no_heavy_stack() -> None:
+    """`--help` of the CLI and of every command loads none of the multi-second stacks (it took 9 s when it did)."""
+    code = (
+        "import sys\n"
+        "from fintune.cli import app, main\n"
+        "for args in [['--help']] + [[c.name, '--help'] for c in app.registered_commands]:\n"
+        "    assert main(args) == 0, args\n"
+        f"print('loaded:', *sorted(name for name in {HEAVY_STACKS!r} if name in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+                         env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "loaded:"
+
+
 def test_data_prints_counts_per_subset(capfd: pytest.CaptureFixture[str], tiny_data_dir: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINTUNE_DATA_DIR", str(tiny_data_dir))

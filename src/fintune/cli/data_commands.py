@@ -1,4 +1,8 @@
-"""`fintune data` and `fintune baselines`: look at the data, and measure the floor the model must beat."""
+"""`fintune data` and `fintune baselines`: look at the data, and measure the floor the model must beat.
+
+scikit-learn and matplotlib (``fintune.baselines``) are imported inside `baselines`, so `fintune --help` and
+`fintune data` do not pay for them.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from rich.table import Table
 from tqdm import tqdm
 
 from fintune import LABELS
-from fintune.baselines import run_baselines
 from fintune.cli._app import ProfileOption, app, console
 from fintune.config import load_settings
 from fintune.data import SUBSET_FILES, check_subset, load_splits
@@ -53,6 +56,8 @@ def baselines_command(
     profile: ProfileOption = None,
 ) -> None:
     """Train TF-IDF + LogisticRegression / RandomForest / LinearSVC and write comparison.json, reports and plots."""
+    from fintune.baselines import run_baselines
+
     settings = load_settings(profile)
     splits = load_splits(settings, check_subset(subset) if subset else None)
     target = output_dir or settings.output_dir / "baselines" / splits.subset

@@ -1,4 +1,8 @@
-"""`fintune guard` and `fintune guard-eval`: mask PII in text from the command line, and measure the guard."""
+"""`fintune guard` and `fintune guard-eval`: mask PII in text from the command line, and measure the guard.
+
+Presidio (and with it spaCy, transformers and torch: seconds to import) is imported inside the commands, so
+`fintune --help` and every other command do not pay for it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -17,15 +21,18 @@ from fintune.cli._app import ProfileOption, app, console
 from fintune.config import Settings, load_settings
 from fintune.data import find_source, load_examples
 from fintune.errors import DataError, GuardrailError
-from fintune.guardrails import PIIGuard, install_log_redaction
-from fintune.guardrails import evaluation as guard_eval
 from fintune.provenance import command_line, provenance
+
+if TYPE_CHECKING:
+    from fintune.guardrails import PIIGuard
 
 GUARD_PACKAGES = ("fintune", "presidio-analyzer", "presidio-anonymizer", "spacy", "phonenumbers", "tldextract")
 
 
 def _guard(settings: Settings) -> PIIGuard:
     """The process's guard, with log redaction installed when the profile asks for it."""
+    from fintune.guardrails import PIIGuard, install_log_redaction
+
     logging.getLogger("presidio-analyzer").setLevel(logging.WARNING)  # one INFO line per recognizer otherwise
     guard = PIIGuard.from_settings(settings.guardrails)
     if settings.guardrails.redact_logs:
@@ -84,6 +91,8 @@ def guard_eval_command(
     profile: ProfileOption = None,
 ) -> None:
     """Recall and leak rate on synthetic PII (dev and held-out eval templates), clean sentences altered, latency."""
+    from fintune.guardrails import evaluation as guard_eval
+
     settings = load_settings(profile)
     config = settings.guardrails
     guard = _guard(settings)
@@ -128,6 +137,8 @@ def _clean_sentences(settings: Settings, subset: str) -> dict[str, Any]:
 
 def _presidio_defaults(settings: Settings, clean_texts: list[str], latency_texts: list[str]) -> dict[str, Any]:
     """The same figures for Presidio's defaults: PII-only entity set, and every default entity (clean text only)."""
+    from fintune.guardrails import evaluation as guard_eval
+
     config = settings.guardrails
     pii_only = guard_eval.presidio_defaults_guard(config, pii_only=True)
     cases = guard_eval.build_cases("eval", config.eval_samples_per_template, config.eval_seed)
