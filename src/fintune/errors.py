@@ -89,5 +89,9 @@ class ModelUnavailableError(FinTuneError):
         )
 
 
+class ServingError(FinTuneError):
+    """The HTTP service cannot start: its host and port are taken or cannot be bound."""
+
+
 class GuardrailError(FinTuneError):
     """The PII guardrails cannot run (spaCy model not installed, unknown entity type, unreadable input)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,18 @@ def test_serve_prints_a_working_curl() -> None:
     curl = example_curl("http://127.0.0.1:8000", load_settings("tiny-mistral"))
     assert curl.startswith("curl -s -X POST http://127.0.0.1:8000/v1/classify")
     assert json.loads(curl.split("-d '", 1)[1].rstrip("'"))["text"]
+
+
+def test_serve_refuses_a_taken_port_before_loading_anything(capfd: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--profile", "tiny-mistral", "--port", str(port)]) == 2
+    err = capfd.readouterr().err
+    assert f"127.0.0.1:{port} is already in use; choose another with --port" in err and "Traceback" not in err
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "Invalid value for '--port'" in capfd.readouterr().err
 
 
 def test_a_model_folder_without_a_trained_model_is_refused(

@@ -8,10 +8,12 @@ and writes one JSON line per text, with a progress bar on stderr. Records carry 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
+import socket
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -23,7 +25,7 @@ from tqdm import tqdm
 
 from fintune.cli._app import ProfileOption, app, console
 from fintune.config import Settings, load_settings
-from fintune.errors import InvalidInputError
+from fintune.errors import InvalidInputError, ServingError
 
 ServedModelOption = Annotated[
     Path | None,
@@ -50,8 +52,12 @@ def serve_command(
     profile: ProfileOption = None,
     model: ServedModelOption = None,
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: serving.host, 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port (default: serving.port, 8000).")] = None,
-    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (default: serving.workers).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="TCP port (default: serving.port, 8000).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="uvicorn worker processes (default: serving.workers).")
+    ] = None,
 ) -> None:
     """Start the HTTP service (OpenAPI at /docs); Ctrl-C or SIGTERM finishes in-flight requests first."""
     import uvicorn
@@ -59,6 +65,7 @@ def serve_command(
     settings = settings_with_model(profile, model)
     s = settings.serving
     host, port, workers = host or s.host, port if port is not None else s.port, workers or s.workers
+    ensure_can_listen(host, port)  # before the model loads: minutes with a 7B model, then uvicorn's bind error
     os.environ["FINTUNE_PROFILE"] = settings.profile  # each worker builds its app from the same profile
     if model is not None:
         os.environ["FINTUNE_SERVING__MODEL_DIR"] = str(model.resolve())  # ... and serves the same folder
@@ -70,6 +77,20 @@ def serve_command(
         timeout_graceful_shutdown=math.ceil(s.shutdown_timeout_s),  # whole seconds: 0.5 must not become 0
         access_log=s.access_log, log_config=log_config(),
     )
+
+
+def ensure_can_listen(host: str, port: int) -> None:
+    """Raise :class:`ServingError` saying what to change when ``host:port`` cannot be listened on now."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+            probe.bind((host, port))
+    except OSError as exc:
+        reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror or exc})"
+        raise ServingError(
+            f"{host}:{port} {reason}; choose another with --port or --host (or FINTUNE_SERVING__PORT)"
+        ) from None
 
 
 def example_curl(url: str, settings: Settings) -> str:
