@@ -91,6 +91,8 @@ def test_bad_input_is_one_line_and_exit_2(capfd: pytest.CaptureFixture[str], mon
         (["train", "--epochs", "3"], "No such option"),
         (["evaluate"], "Missing option"),
         (["train", "--max-steps", "many"], "Invalid value"),
+        (["train", "--max-steps", "0"], "Invalid value for '--max-steps'"),  # ran one step before
+        (["serve", "--workers", "0"], "Invalid value for '--workers'"),
         (["nosuchcommand"], "No such command"),
     ],
 )

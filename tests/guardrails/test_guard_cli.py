@@ -47,6 +47,11 @@ def test_guard_needs_exactly_one_input(capsys: pytest.CaptureFixture[str]) -> No
     assert "exactly one" in capsys.readouterr().err
 
 
+def test_guard_eval_refuses_an_unknown_subset_before_measuring(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["guard-eval", "--subset", "55agree"]) == 2
+    assert "unknown subset '55agree'" in capsys.readouterr().err
+
+
 def test_guard_eval_writes_figures_with_provenance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from fintune.cli._app import ProfileOption, app, console
 from fintune.config import Settings, load_settings
-from fintune.data import find_source, load_examples
+from fintune.data import check_subset, find_source, load_examples
 from fintune.errors import DataError, GuardrailError
 from fintune.provenance import command_line, provenance
 
@@ -94,6 +94,7 @@ def guard_eval_command(
     from fintune.guardrails import evaluation as guard_eval
 
     settings = load_settings(profile)
+    subset = check_subset(subset)  # a typo is a usage error, not a report without its clean-sentence figures
     config = settings.guardrails
     guard = _guard(settings)
     report: dict[str, Any] = {

@@ -26,7 +26,7 @@ def train_command(
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Model folder (default: outputs/models/<profile>/).")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
     subset: Annotated[str | None, typer.Option(help="Agreement level to train on (default: the profile's).")] = None,
     skip_if_trained: Annotated[
         bool, typer.Option(help="Do nothing when the folder already holds this profile trained on this data.")
