@@ -56,7 +56,13 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["sentences"] > 0
     assert 0 < metrics["model_memory_footprint_mib"] < metrics["process_peak_rss_mib"]
     assert metrics["weights_dtype"] == "bfloat16"  # merged into the profile's pinned dtype
-    assert (eval_dir / "model_confusion.png").is_file()
+    bins = metrics["reliability_bins"]
+    assert sum(row["count"] for row in bins) == metrics["sentences"]
+    assert metrics["expected_calibration_error"] == pytest.approx(
+        sum(row["count"] * abs(row["accuracy"] - row["confidence"]) for row in bins) / metrics["sentences"], abs=1e-3
+    )
+    for plot in ("model_confusion.png", "model_reliability.png", "comparison.png"):
+        assert (eval_dir / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
     comparison = json.loads((eval_dir / "comparison.json").read_text())
     best = comparison["baselines"][comparison["best_baseline"]]["macro_f1_difference"]
     assert best["ci_low"] <= best["difference"] <= best["ci_high"]

@@ -175,4 +175,5 @@ def evaluate_command(
         f"p50 {metrics['latency_p50_ms']:.1f} ms, {metrics['batch_ms_per_sentence']:.1f} ms/sentence batched"
     )
     console.print(comparison["verdict"], highlight=False)
-    console.print(f"written to {target}/ (metrics.json, comparison.json, model_confusion.png)")
+    console.print(f"written to {target}/ (metrics.json, comparison.json, model_confusion.png, "
+                  "model_reliability.png, comparison.png)")

@@ -1,10 +1,11 @@
 """Judging a trained model on a test split, and against the TF-IDF baselines on the very same sentences.
 
 ``metrics.json``: accuracy, macro-F1, per-class report, confusion matrix (JSON + PNG), expected calibration
-error, latency p50/p95 per sentence, batch throughput and memory (the loaded model's footprint as it serves,
-and the process's peak resident memory), and the dtype most weights are served in. ``comparison.json``: each
-baseline re-scored on the same sentences, a paired bootstrap confidence interval of the macro-F1 difference (model
-minus baseline), and a plain verdict against the best baseline.
+error with its reliability bins (JSON + ``model_reliability.png``), latency p50/p95 per sentence, batch
+throughput and memory (the loaded model's footprint as it serves, and the process's peak resident memory), and
+the dtype most weights are served in. ``comparison.json``: each baseline re-scored on the same sentences, a
+paired bootstrap confidence interval of the macro-F1 difference (model minus baseline), and a plain verdict
+against the best baseline; ``comparison.png`` shows the scores side by side.
 
 When the model was trained on another subset, test sentences that were in its training split are left out
 (the agreement subsets overlap), and the files say how many.
@@ -31,11 +32,13 @@ from fintune.errors import ArtifactError
 from fintune.evaluation import (
     classification_metrics,
     latency_percentiles,
+    plot_comparison,
     write_classification_artifacts,
     write_json,
 )
-from fintune.model.calibration import card_temperature, expected_calibration_error
+from fintune.model.calibration import card_temperature, expected_calibration_error, reliability_bins
 from fintune.model.card import read_card
+from fintune.model.plots import plot_reliability
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -150,6 +153,10 @@ def score_model(classifier: Classifier, examples: list[Example], inference: Infe
     metrics["expected_calibration_error"] = round(
         expected_calibration_error(probabilities, correct, inference.calibration_bins), 4
     )
+    metrics["reliability_bins"] = [
+        {**row, "confidence": round(row["confidence"], 4), "accuracy": round(row["accuracy"], 4)}
+        for row in reliability_bins(probabilities, correct, inference.calibration_bins)
+    ]
     latency = latency_percentiles(lambda t: classifier.predict_proba([t]), texts, inference.latency_samples)
     metrics.update(
         sentences=len(texts),
@@ -244,4 +251,15 @@ def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, co
                                              "latency_p50_ms": metrics["latency_p50_ms"]},
                   **compare_with_baselines(settings, splits, examples, predicted)}
     write_json(out_dir / "comparison.json", comparison)
+    write_plots(metrics, comparison, out_dir, f"{card.get('profile') or model_dir.name}, {splits.subset} test")
     return {"metrics": metrics, "comparison": comparison}
+
+
+def write_plots(metrics: dict[str, Any], comparison: dict[str, Any], out_dir: Path, title: str) -> list[Path]:
+    """``model_reliability.png`` (confidence against accuracy) and ``comparison.png`` (model beside baselines)."""
+    scores = {"model": comparison["model_scores"], **comparison["baselines"]}
+    return [
+        plot_reliability(metrics["reliability_bins"], out_dir / "model_reliability.png",
+                         f"{title}: ECE {metrics['expected_calibration_error']:.3f}"),
+        plot_comparison(scores, out_dir / "comparison.png", f"{title}: model vs TF-IDF baselines"),
+    ]

@@ -61,17 +61,26 @@ def fit_temperature(probabilities: np.ndarray, truth: np.ndarray, current: float
     return float(np.exp(result.x))
 
 
-def expected_calibration_error(probabilities: np.ndarray, correct: np.ndarray, bins: int) -> float:
-    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the bin's share."""
-    confidence = probabilities.max(axis=1)
+def reliability_bins(probabilities: np.ndarray, correct: np.ndarray, bins: int) -> list[dict[str, float]]:
+    """Per equal-width confidence bin holding sentences: its bounds, count, mean confidence and accuracy."""
+    confidence = probabilities.max(axis=1) if len(probabilities) else np.zeros(0)
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    error = 0.0
+    rows = []
     for b in range(bins):
         members = which == b
         if members.any():
-            error += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(error)
+            rows.append({"low": round(float(edges[b]), 4), "high": round(float(edges[b + 1]), 4),
+                         "count": int(members.sum()), "confidence": float(confidence[members].mean()),
+                         "accuracy": float(correct[members].mean())})
+    return rows
+
+
+def expected_calibration_error(probabilities: np.ndarray, correct: np.ndarray, bins: int) -> float:
+    """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the bin's share."""
+    rows = reliability_bins(probabilities, correct, bins)
+    total = sum(row["count"] for row in rows)
+    return float(sum(row["count"] / total * abs(row["accuracy"] - row["confidence"]) for row in rows))
 
 
 def calibrate(
