@@ -1,4 +1,4 @@
-"""Scoring any sentiment classifier the same way: metrics, reports, confusion-matrix plots, latency, throughput.
+"""Scoring any sentiment classifier the same way: metrics, reports, plots, latency, throughput.
 
 The baselines and the fine-tuned models are judged by these functions only, so their numbers are comparable.
 Labels are always ordered as :data:`fintune.LABELS`; confusion-matrix rows are true labels, columns predictions.
@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
 from fintune import LABELS  # noqa: E402
@@ -81,11 +82,7 @@ def plot_confusion_matrix(metrics: dict[str, Any], path: Path, title: str) -> Pa
     ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels, yticklabels=labels,
            xlabel="predicted", ylabel="true")
     ax.set_title(f"{title}\naccuracy {metrics['accuracy']:.3f}, macro-F1 {metrics['macro_f1']:.3f}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_comparison(scores: dict[str, dict[str, float]], path: Path, title: str) -> Path:
@@ -99,9 +96,33 @@ def plot_comparison(scores: dict[str, dict[str, float]], path: Path, title: str)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set(xticks=x, xticklabels=names, ylim=(0, 1.05), ylabel="score", title=title)
     ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_reliability(bins: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Accuracy against mean confidence per confidence bin (a reliability diagram), each bin's count beside it.
+
+    Points on the diagonal are calibrated: below it the model is more confident than it is right.
+    """
+    fig, ax = plt.subplots(figsize=(4.8, 4.4))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="calibrated")
+    if bins:
+        confidence = [row["confidence"] for row in bins]
+        accuracy = [row["accuracy"] for row in bins]
+        ax.plot(confidence, accuracy, marker="o", label="model")
+        for x, y, row in zip(confidence, accuracy, bins, strict=True):
+            ax.annotate(str(row["count"]), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="mean confidence in bin", ylabel="accuracy in bin", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` as PNG (folders made as needed), and free it."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

@@ -33,12 +33,12 @@ from fintune.evaluation import (
     classification_metrics,
     latency_percentiles,
     plot_comparison,
+    plot_reliability,
     write_classification_artifacts,
     write_json,
 )
 from fintune.model.calibration import card_temperature, expected_calibration_error, reliability_bins
 from fintune.model.card import read_card
-from fintune.model.plots import plot_reliability
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
