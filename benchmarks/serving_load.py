@@ -14,6 +14,9 @@ its previous answer arrives). Measures, per profile and number of concurrent cli
 
 Clients and server share this machine's cores, as they would on one small host.
 
+Writes a plot of throughput and latency against clients beside the result file (``--plot-only RESULT`` redraws
+it from a result file without measuring).
+
 Run: ``.venv/bin/python benchmarks/serving_load.py`` (needs the trained models in ``outputs/models/<profile>``:
 ``fintune train --profile cpu`` and ``fintune train --profile encoder``; without one the service serves the
 untrained base, which the result file says).
@@ -38,10 +41,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import matplotlib.pyplot as plt
 import numpy as np
 
 from fintune.config import load_settings
 from fintune.data import load_splits
+from fintune.evaluation import save_figure
 from fintune.provenance import provenance
 
 RESULT = Path(__file__).parent / "results" / "serving_load.json"
@@ -291,8 +296,14 @@ def main() -> None:
     parser.add_argument("--fault-seconds", type=float, default=60.0, help="Length of the fault run (0: skip).")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="A setting for every service started, as FINTUNE_<KEY> (model__inference__dtype=float32).")
-    parser.add_argument("--output", type=Path, default=RESULT)
+    parser.add_argument("--output", type=Path, default=RESULT, help="Result JSON; its plot goes beside it (.png).")
+    parser.add_argument("--plot-only", type=Path, metavar="RESULT",
+                        help="Only redraw the plot of an existing result file (beside it), measuring nothing.")
     args = parser.parse_args()
+    if args.plot_only is not None:
+        result = json.loads(args.plot_only.read_text(encoding="utf-8"))
+        print(f"drawn to {plot_load(result, args.plot_only.with_suffix('.png'))}")
+        return
     if any("=" not in item for item in args.overrides):
         parser.error("--set takes KEY=VALUE, e.g. --set model__inference__dtype=float32")
     common = dict(item.split("=", 1) for item in args.overrides)
@@ -321,7 +332,33 @@ def main() -> None:
                                         **common)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"written to {args.output}")
+    print(f"written to {args.output} and {plot_load(result, args.output.with_suffix('.png'))}")
+
+
+def plot_load(result: dict[str, Any], path: Path) -> Path:
+    """Throughput and p50 / p99 latency against concurrent clients per profile, batch size 1 as a cross."""
+    fig, (rate_ax, latency_ax) = plt.subplots(1, 2, figsize=(9.5, 3.8), dpi=120)
+    for profile, measured in result["profiles"].items():
+        clients = [level["clients"] for level in measured["levels"]]
+        (line,) = rate_ax.plot(clients, [lv["throughput_rps"] for lv in measured["levels"]], marker="o", label=profile)
+        for key, style in (("p50_ms", "-"), ("p99_ms", ":")):
+            latency_ax.plot(clients, [level[key] for level in measured["levels"]], style, marker="o",
+                            color=line.get_color(), label=f"{profile} {key[:3]}")
+    if "unbatched_cpu" in result:
+        level = result["unbatched_cpu"]["levels"][0]
+        rate_ax.plot([level["clients"]], [level["throughput_rps"]], "kx", markersize=9, label="cpu, batch size 1")
+        latency_ax.plot([level["clients"]], [level["p99_ms"]], "kx", markersize=9, label="cpu, batch size 1, p99")
+    rate_ax.set(xscale="log", xlabel="concurrent clients", ylabel="answers / s", title="throughput", ylim=(0, None))
+    latency_ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="latency")
+    machine, date = result["provenance"]["machine"], result["provenance"]["date"][:10]
+    fig.suptitle(f"FinTune service under closed-loop load ({machine['cpu']}, {machine['cores']} cores, {date})",
+                 fontsize=10)
+    for ax in (rate_ax, latency_ax):
+        ax.set_xticks(sorted({lv["clients"] for m in result["profiles"].values() for lv in m["levels"]}))
+        ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
 
 
 def batching_gain(batched: dict[str, Any], unbatched: dict[str, Any], clients: int) -> dict[str, Any]:
