@@ -37,7 +37,7 @@ from fintune.evaluation import (
     write_classification_artifacts,
     write_json,
 )
-from fintune.model.calibration import card_temperature, expected_calibration_error, reliability_bins
+from fintune.model.calibration import calibration_error, card_temperature, reliability_bins
 from fintune.model.card import read_card
 from fintune.provenance import provenance
 
@@ -150,12 +150,10 @@ def score_model(classifier: Classifier, examples: list[Example], inference: Infe
     predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
     metrics = classification_metrics([ex.label for ex in examples], predicted)
     correct = np.array([p == ex.label for p, ex in zip(predicted, examples, strict=True)])
-    metrics["expected_calibration_error"] = round(
-        expected_calibration_error(probabilities, correct, inference.calibration_bins), 4
-    )
+    bins = reliability_bins(probabilities, correct, inference.calibration_bins)
+    metrics["expected_calibration_error"] = round(calibration_error(bins), 4)
     metrics["reliability_bins"] = [
-        {**row, "confidence": round(row["confidence"], 4), "accuracy": round(row["accuracy"], 4)}
-        for row in reliability_bins(probabilities, correct, inference.calibration_bins)
+        {**row, "confidence": round(row["confidence"], 4), "accuracy": round(row["accuracy"], 4)} for row in bins
     ]
     latency = latency_percentiles(lambda t: classifier.predict_proba([t]), texts, inference.latency_samples)
     metrics.update(

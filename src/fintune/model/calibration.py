@@ -78,7 +78,11 @@ def reliability_bins(probabilities: np.ndarray, correct: np.ndarray, bins: int) 
 
 def expected_calibration_error(probabilities: np.ndarray, correct: np.ndarray, bins: int) -> float:
     """Mean |accuracy - confidence| over equal-width confidence bins, weighted by the bin's share."""
-    rows = reliability_bins(probabilities, correct, bins)
+    return calibration_error(reliability_bins(probabilities, correct, bins))
+
+
+def calibration_error(rows: list[dict[str, float]]) -> float:
+    """The expected calibration error of :func:`reliability_bins` rows."""
     total = sum(row["count"] for row in rows)
     return float(sum(row["count"] / total * abs(row["accuracy"] - row["confidence"]) for row in rows))
 
