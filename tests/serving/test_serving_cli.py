@@ -12,6 +12,7 @@ from serving_helpers import PII_TEXT, PII_VALUES
 from fintune.cli import main
 from fintune.cli.serve_commands import example_curl, read_texts
 from fintune.config import load_settings
+from fintune.model.card import card_version
 
 
 @pytest.fixture
@@ -104,4 +105,5 @@ def test_classify_serves_the_model_folder_it_is_given(
     capfd.readouterr()
     assert main(["classify", "--profile", "encoder", "--model", str(folder), "Sales rose 5 %."]) == 0
     record = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
-    assert record["model"]["version"] == f"trained:{folder}" and record["degraded"] is False
+    assert record["model"]["version"] == card_version(folder) and record["degraded"] is False
+    assert card_version(folder).startswith("trained-20") and str(folder) not in json.dumps(record)

@@ -5,6 +5,7 @@ Light: imports nothing heavy, so the CLI can inspect a folder before loading tor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -28,6 +29,17 @@ def read_card(model_dir: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path} is unreadable ({exc}); retrain the model") from exc
+
+
+def card_version(model_dir: Path) -> str:
+    """A trained model's version as clients may see it: ``trained-<date>-<hash of its card>``.
+
+    The card changes with every training run and recalibration, so the hash tells models apart; the server's
+    folder path is not in it (API responses carry the version).
+    """
+    card = read_card(model_dir)
+    digest = hashlib.sha256(json.dumps(card, sort_keys=True).encode("utf-8")).hexdigest()[:12]
+    return f"trained-{str(card.get('provenance', {}).get('date', ''))[:10] or 'undated'}-{digest}"
 
 
 def is_trained(model_dir: Path, profile: str, fingerprint: str) -> bool:

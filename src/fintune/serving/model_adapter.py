@@ -135,14 +135,16 @@ def load_classifier(settings: Settings) -> BatchClassifier:
     (random for tiny-mistral, zero-shot for SmolLM2), or the encoder with a fresh head; but an explicit
     ``serving.model_dir`` without one is an :class:`ArtifactError` (a mistyped path must not serve noise).
     """
-    from fintune.model.card import CARD_FILE
+    from fintune.model.card import CARD_FILE, card_version
 
     folder = model_dir(settings)
     name = settings.model.base_model
     if (folder / CARD_FILE).is_file():
         from fintune.model.assessment import load_classifier as load_trained
 
-        return ProbaClassifierAdapter(load_trained(folder, settings), name, settings.profile, f"trained:{folder}")
+        version = card_version(folder)
+        logger.info("serving the trained model in %s as version %s", folder, version)
+        return ProbaClassifierAdapter(load_trained(folder, settings), name, settings.profile, version)
     if settings.serving.model_dir is not None:  # asked for by name: never stand in an untrained model
         raise ArtifactError(
             f"serving.model_dir {folder} holds no trained model ({CARD_FILE} missing): point it at a folder "

@@ -47,7 +47,10 @@ class ModelInfo(BaseModel):
 
     name: str = Field(description="Model name (the base model id, or tfidf-<baseline> when degraded).")
     profile: str = Field(description="Settings profile the model was loaded from.")
-    version: str = Field(description="Adapter folder, 'base-untuned', or the baseline's source.")
+    version: str = Field(
+        description="'trained-<date>-<hash of the model card>', 'base-untuned', 'untrained-head', or the "
+        "baseline's source."
+    )
 
 
 class ErrorInfo(BaseModel):
