@@ -353,8 +353,9 @@ def plot_load(result: dict[str, Any], path: Path) -> Path:
     machine, date = result["provenance"]["machine"], result["provenance"]["date"][:10]
     fig.suptitle(f"FinTune service under closed-loop load ({machine['cpu']}, {machine['cores']} cores, {date})",
                  fontsize=10)
+    ticks = sorted({level["clients"] for measured in result["profiles"].values() for level in measured["levels"]})
     for ax in (rate_ax, latency_ax):
-        ax.set_xticks(sorted({lv["clients"] for m in result["profiles"].values() for lv in m["levels"]}))
+        ax.set_xticks(ticks)
         ax.get_xaxis().set_major_formatter(plt.ScalarFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -153,7 +153,7 @@ def score_model(classifier: Classifier, examples: list[Example], inference: Infe
     bins = reliability_bins(probabilities, correct, inference.calibration_bins)
     metrics["expected_calibration_error"] = round(calibration_error(bins), 4)
     metrics["reliability_bins"] = [
-        {**row, "confidence": round(row["confidence"], 4), "accuracy": round(row["accuracy"], 4)} for row in bins
+        {key: value if key == "count" else round(value, 4) for key, value in row.items()} for row in bins
     ]
     latency = latency_percentiles(lambda t: classifier.predict_proba([t]), texts, inference.latency_samples)
     metrics.update(

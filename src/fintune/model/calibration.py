@@ -70,9 +70,8 @@ def reliability_bins(probabilities: np.ndarray, correct: np.ndarray, bins: int) 
     for b in range(bins):
         members = which == b
         if members.any():
-            rows.append({"low": round(float(edges[b]), 4), "high": round(float(edges[b + 1]), 4),
-                         "count": int(members.sum()), "confidence": float(confidence[members].mean()),
-                         "accuracy": float(correct[members].mean())})
+            rows.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(members.sum()),
+                         "confidence": float(confidence[members].mean()), "accuracy": float(correct[members].mean())})
     return rows
 
 

@@ -38,8 +38,9 @@ def card_version(model_dir: Path) -> str:
     folder path is not in it (API responses carry the version).
     """
     card = read_card(model_dir)
+    date = str(card.get("provenance", {}).get("date", ""))[:10] or "undated"
     digest = hashlib.sha256(json.dumps(card, sort_keys=True).encode("utf-8")).hexdigest()[:12]
-    return f"trained-{str(card.get('provenance', {}).get('date', ''))[:10] or 'undated'}-{digest}"
+    return f"trained-{date}-{digest}"
 
 
 def is_trained(model_dir: Path, profile: str, fingerprint: str) -> bool:
