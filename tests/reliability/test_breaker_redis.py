@@ -153,8 +153,8 @@ def test_without_redis_each_process_keeps_its_own_breaker_until_redis_is_back(
         breaker = CircuitBreaker(storage=storage, failure_threshold=2)
         assert breaker.call(lambda: "answer") == "answer"  # no Redis: the call still runs
         attempts = []
-        lock = storage.client.lock
-        storage.client.lock = lambda *a, **k: attempts.append(1) or lock(*a, **k)  # type: ignore[method-assign]
+        pipeline = storage.client.pipeline
+        storage.client.pipeline = lambda *a, **k: attempts.append(1) or pipeline(*a, **k)  # type: ignore[method-assign]
         for _ in range(2):
             with pytest.raises(ConnectionError):
                 breaker.call(failing)
@@ -200,16 +200,63 @@ def test_an_unreadable_record_is_replaced_not_fatal(redis_url: str, caplog: pyte
     assert json.loads(server.get(key))["successes"] == 2
 
 
-def test_a_lock_held_elsewhere_is_reported_as_such_and_does_not_block_the_call(
-    redis_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
+def call_after(
+    prepare: Callable[[redis.Redis, str], object], redis_url: str, caplog: pytest.LogCaptureFixture
+) -> tuple[redis.Redis, str, list[str]]:
+    """Let ``prepare(server, key)`` spoil a fresh key, make one call that must still be answered; the server, the
+    key and the storage's warnings."""
     key = f"test:{uuid.uuid4()}"
     server = redis.Redis.from_url(redis_url)
-    server.set(f"{key}:lock", "another-process-token", px=60_000)  # taken by a process that never releases it
+    prepare(server, key)
     storage = RedisStorage(redis.Redis.from_url(redis_url), key, lock_timeout_s=0.2, retry_interval_s=60)
     with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"):
         assert CircuitBreaker(storage=storage).call(lambda: "answer") == "answer"
-    warnings = [r.getMessage() for r in caplog.records]
+    return server, key, [r.getMessage() for r in caplog.records]
+
+
+def test_a_lock_held_elsewhere_is_reported_as_such_and_does_not_block_the_call(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def taken_forever(server: redis.Redis, key: str) -> None:  # by a process that never releases it
+        server.set(f"{key}:lock", "another-process-token", px=60_000)
+
+    server, key, warnings = call_after(taken_forever, redis_url, caplog)
     assert len(warnings) == 1 and "lock failed" in warnings[0] and "unreachable" not in warnings[0]
     assert "another process holds it" in warnings[0] and "every 60 s" in warnings[0]
     assert server.get(key) is None  # nothing written under a lock this process does not hold
+
+
+def test_a_key_of_the_wrong_type_does_not_fail_the_call_nor_keep_the_lock(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    def a_hash(server: redis.Redis, key: str) -> None:  # GET answers WRONGTYPE, in the pipeline that took the lock
+        server.hset(key, "not", "a string")
+
+    server, key, warnings = call_after(a_hash, redis_url, caplog)
+    assert any("WRONGTYPE" in warning for warning in warnings)
+    assert server.get(f"{key}:lock") is None  # released at once, not left to expire
+
+
+def command_counts(server: redis.Redis) -> dict[str, int]:
+    """How many times the server has run each command so far."""
+    return {name.removeprefix("cmdstat_"): int(stats["calls"]) for name, stats in server.info("commandstats").items()}
+
+
+def test_a_transaction_sends_lock_read_write_unlock_and_a_read_only_one_writes_nothing(redis_url: str) -> None:
+    key = f"test:{uuid.uuid4()}"
+    server = redis.Redis.from_url(redis_url)
+    breaker = breaker_on(redis_url, key)
+
+    def sent_by(action: Callable[[], object]) -> dict[str, int]:
+        before = command_counts(server)
+        action()
+        after = command_counts(server)
+        return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+    # a call is two transactions (admit, then record), each a lock + read pipeline (SET NX, GET) and a write +
+    # unlock pipeline (SET, then an EVAL whose script runs GET and DEL); INFO is the count's own
+    assert sent_by(lambda: breaker.call(lambda: None)) == {"set": 4, "get": 4, "eval": 2, "del": 2, "info": 1}
+    assert sent_by(lambda: breaker.state) == {"set": 1, "get": 2, "eval": 1, "del": 1, "info": 1}  # no write
+    assert server.get(f"{key}:lock") is None  # released
+    assert json.loads(server.get(key))["successes"] == 1
+

@@ -7,27 +7,31 @@ nobody else reads or writes the record until the block ends, and what the block 
 ends with an exception (a rejection raises :class:`~fintune.errors.CircuitOpenError` after counting itself).
 
 With Redis the block holds a Redis lock (``SET NX PX`` with a random token, released by a compare-and-delete
-script: redis-py's :class:`redis.lock.Lock`) around a read and a write of one JSON value, so the workers of
+script, as redis-py's :class:`redis.lock.Lock` does) around a read and a write of one JSON value, so the workers of
 ``fintune serve --workers N``, or the replicas of ``fintune classify --engine ray`` on several machines, open and
-close one breaker together. Times in a shared record are wall-clock seconds (``time.time``): a monotonic clock
-means nothing in another process. When Redis cannot be reached the storage does not fail the model call: it logs
-a warning once and keeps a record of its own in memory (starting from the last one it saw), trying Redis again
-every ``retry_interval_s`` (5 s) until it answers; each process then protects itself, as with
+close one breaker together. Taking the lock and reading the value travel in one pipeline, as do writing the value
+and releasing the lock: two round trips a transaction, where redis-py's lock takes four; a block that changed
+nothing writes nothing. Times in a shared record are wall-clock seconds (``time.time``): a monotonic clock means
+nothing in another process. When Redis cannot be reached the storage does not fail the model call: it logs a
+warning once and keeps a record of its own in memory (starting from the last one it saw), trying Redis again every
+``retry_interval_s`` (5 s) until it answers; each process then protects itself, as with
 :class:`MemoryStorage`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from fintune.config import ReliabilitySettings
 from fintune.errors import ConfigError
@@ -39,6 +43,8 @@ __all__ = ["BreakerRecord", "BreakerState", "BreakerStorage", "MemoryStorage", "
 
 log = logging.getLogger(__name__)
 _LOCK_POLL_S = 0.002  # a held lock is retried this often (redis-py's default, 0.1 s, would stall a model call)
+# release the lock only if it is still ours (it may have expired and been taken by another process meanwhile)
+_RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 _REDIS_HINT = "the shared breaker storage needs redis-py: pip install 'fintune[redis]'"
 
 
@@ -135,6 +141,7 @@ class RedisStorage:
         self.key = key
         self.lock_timeout_s = lock_timeout_s
         self.retry_interval_s = retry_interval_s
+        self.lock_key = f"{key}:lock"
         self._local = threading.Lock()  # one transaction of this process at a time
         self._fallback = BreakerRecord()  # used, and kept up to date, while Redis cannot be reached
         self._reachable = True
@@ -152,57 +159,71 @@ class RedisStorage:
 
     @contextmanager
     def transaction(self) -> Iterator[BreakerRecord]:
-        """Lock, read, hand out, write back, unlock; the process's own record while Redis is unreachable."""
+        """Lock and read, hand out, write back (if changed) and unlock; the own record while Redis is unreachable."""
         with self._local:
             if not self._reachable and time.monotonic() < self._retry_at:
                 yield self._fallback  # Redis failed a moment ago: do not wait on it for every call
                 return
-            lock = self.client.lock(f"{self.key}:lock", timeout=self.lock_timeout_s,
-                                    blocking_timeout=self.lock_timeout_s, sleep=_LOCK_POLL_S)
-            record = self._load(lock)
-            if record is None:
+            token = uuid.uuid4().hex
+            loaded = self._lock_and_load(token)
+            if loaded is None:
                 yield self._fallback
                 return
+            record, stored = loaded
             try:
                 yield record
             finally:
-                self._save(record)
-                self._release(lock)
+                self._save_and_unlock(record, token, changed=record.to_json() != stored)
 
-    def _load(self, lock: Any) -> BreakerRecord | None:
-        """Take the Redis lock and read the record (a fresh one the first time); None when Redis fails."""
+    def _lock_and_load(self, token: str) -> tuple[BreakerRecord, str | None] | None:
+        """Take the lock and read the record (a fresh one the first time) with its stored JSON; None if Redis fails."""
         import redis
 
-        acquired = False
         try:
-            acquired = bool(lock.acquire())
-            if not acquired:
-                raise redis.exceptions.LockError(
-                    f"{self.key}:lock not acquired within {self.lock_timeout_s} s: another process holds it, or "
-                    f"died holding it (a lock expires {self.lock_timeout_s} s after it is taken)"
-                )
-            raw = self.client.get(self.key)
+            raw = self._acquire_and_get(token)
         except redis.RedisError as exc:
             self._unreachable(exc)
-            if acquired:
-                self._release(lock)
+            if not isinstance(exc, (redis.exceptions.LockError, redis.ConnectionError, redis.TimeoutError)):
+                self._release(token)  # Redis answered with an error after the lock was perhaps taken
             return None
         if raw is None:
-            return self._copy(self._fallback)
+            return self._copy(self._fallback), None
         try:
-            return BreakerRecord.from_json(raw)
+            return BreakerRecord.from_json(raw), raw.decode() if isinstance(raw, bytes) else raw
         except (ValueError, TypeError) as exc:  # not ours, or corrupt: start again rather than fail every call
             log.warning("circuit breaker storage %r: the stored record is unreadable (%s); starting from this "
                         "process's own", self.key, exc)
-            return self._copy(self._fallback)
+            return self._copy(self._fallback), None
 
-    def _save(self, record: BreakerRecord) -> None:
-        """Write the record back (and remember it, in case Redis goes away)."""
+    def _acquire_and_get(self, token: str) -> bytes | str | None:
+        """``SET lock token NX PX`` and ``GET key`` in one round trip, repeated until the lock is ours or time is up."""
         import redis
 
-        self._fallback = self._copy(record)
+        give_up_at = time.monotonic() + self.lock_timeout_s
+        while True:
+            acquired, raw = (self.client.pipeline(transaction=False)
+                             .set(self.lock_key, token, nx=True, px=int(self.lock_timeout_s * 1000))
+                             .get(self.key).execute())
+            if acquired:
+                return raw  # nobody writes the value without the lock: what was read is current
+            if time.monotonic() >= give_up_at:
+                raise redis.exceptions.LockError(
+                    f"{self.lock_key} not acquired within {self.lock_timeout_s} s: another process holds it, or "
+                    f"died holding it (a lock expires {self.lock_timeout_s} s after it is taken)"
+                )
+            time.sleep(_LOCK_POLL_S)
+
+    def _save_and_unlock(self, record: BreakerRecord, token: str, *, changed: bool) -> None:
+        """Write the record back if the block changed it and release the lock, in one round trip."""
+        import redis
+
+        self._fallback = self._copy(record)  # remembered, in case Redis goes away
+        pipe = self.client.pipeline(transaction=False)
+        if changed:
+            pipe.set(self.key, record.to_json())
+        pipe.eval(_RELEASE_IF_OURS, 1, self.lock_key, token)
         try:
-            self.client.set(self.key, record.to_json())
+            pipe.execute()
         except redis.RedisError as exc:
             self._unreachable(exc)
             return
@@ -215,14 +236,12 @@ class RedisStorage:
         """An independent copy of a record."""
         return dataclasses.replace(record, transitions=dict(record.transitions))
 
-    def _release(self, lock: Any) -> None:
-        """Release the Redis lock; one that expired or cannot be reached is left to expire."""
+    def _release(self, token: str) -> None:
+        """Release the lock if it is ours; one that cannot be released now is left to expire."""
         import redis
 
-        try:
-            lock.release()
-        except redis.RedisError as exc:
-            self._unreachable(exc)
+        with contextlib.suppress(redis.RedisError):  # the caller has already reported Redis failing
+            self.client.eval(_RELEASE_IF_OURS, 1, self.lock_key, token)
 
     def _unreachable(self, exc: BaseException) -> None:
         """Warn once per outage that this process now keeps its breaker to itself; retry Redis later."""
