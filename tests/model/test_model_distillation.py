@@ -12,7 +12,7 @@ import torch
 from fintune.config import Settings, load_settings
 from fintune.data import load_splits
 from fintune.errors import ArtifactError, ModelError
-from fintune.model.card import CARD_FILE
+from fintune.model.card import CARD_FILE, card_version
 from fintune.model.distillation import TeacherTargets, teacher_folder, teacher_targets
 from fintune.model.encoder import batches, mixed_loss, train_encoder
 
@@ -87,5 +87,6 @@ def test_an_encoder_distils_a_trained_qlora_teacher(tiny_settings: Settings, tmp
     student = load_settings("encoder", data_dir=tiny_settings.data_dir, output_dir=tmp_path / "out")
     _, card = train_encoder(student, tmp_path / "student", max_steps=2, splits=splits, teacher=targets)
     assert card["distillation"]["teacher"] == str(teacher_dir)
+    assert card["distillation"]["teacher_version"] == card_version(teacher_dir)  # the teacher's own, as served
     assert card["distillation"]["teacher_profile"] == "tiny-mistral" and card["distillation"]["weight"] == 0.9
     assert card["distillation"]["sentences"] == len(splits.train)
