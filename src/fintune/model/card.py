@@ -37,7 +37,11 @@ def card_version(model_dir: Path) -> str:
     The card changes with every training run and recalibration, so the hash tells models apart; the server's
     folder path is not in it (API responses carry the version).
     """
-    card = read_card(model_dir)
+    return version_of(read_card(model_dir))
+
+
+def version_of(card: dict[str, Any]) -> str:
+    """The :func:`card_version` of a card already read."""
     date = str(card.get("provenance", {}).get("date", ""))[:10] or "undated"
     digest = hashlib.sha256(json.dumps(card, sort_keys=True).encode("utf-8")).hexdigest()[:12]
     return f"trained-{date}-{digest}"

@@ -24,7 +24,7 @@ from fintune.config import Settings, load_settings
 from fintune.data import DataSplits
 from fintune.errors import ArtifactError
 from fintune.model.assessment import load_classifier
-from fintune.model.card import card_version, finished_card
+from fintune.model.card import finished_card, version_of
 
 SCORING_CHUNK = 256  # sentences per progress-bar step
 
@@ -42,7 +42,7 @@ class TeacherTargets:
         """What the student's card records about its teacher."""
         return {
             "teacher": str(self.folder),  # where it was on the training machine
-            "teacher_version": card_version(self.folder),  # which model it was, wherever it is now
+            "teacher_version": version_of(self.card),  # which model it was, wherever it is now
             "teacher_profile": self.card.get("profile"),
             "teacher_backend": self.card.get("backend", "qlora"),
             "teacher_validation": self.card.get("validation"),
