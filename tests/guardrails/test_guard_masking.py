@@ -53,6 +53,13 @@ PII_CASES = [
     ("ACCOUNT_NUMBER", "Client acct # 12-3456-78 gained 6 %.", "12-3456-78"),
     ("ABA_ROUTING_NUMBER", "Use routing number 021000021 for the ACH transfer.", "021000021"),
     ("ABA_ROUTING_NUMBER", "The bank's routing no. 123456780 was rejected.", "123456780"),
+    # labels ending in "." or "#", with and without a space before the number
+    ("PHONE_NUMBER", "Tel. 123 4567 for the branch manager.", "123 4567"),
+    ("ACCOUNT_NUMBER", "Acct. No. 12-3456-78 shows the margin call.", "12-3456-78"),
+    ("ACCOUNT_NUMBER", "Savings acct. 1234-5678-9012 earned 2% interest.", "1234-5678-9012"),
+    ("US_SSN", "Soc. Sec. No. 219099999 on the 1099.", "219099999"),
+    ("US_SSN", "SS# 219099999 on the W-2.", "219099999"),
+    ("US_SSN", "SS#219 09 9999 on the W-2.", "219 09 9999"),
 ]
 
 FINANCIAL_SIGNAL = [

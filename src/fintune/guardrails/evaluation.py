@@ -216,6 +216,8 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
             "Client SSN {pii} was attached to the Q3 2024 margin loan application.",
             "Please verify social security number {pii} before releasing the EUR 2.5 mn payout.",
             "The investor's SSN: {pii}; holdings rose 12 % in 2023.",
+            "Soc. Sec. No. {pii} appears on the 1099 for the USD 3,400 distribution.",
+            "SS# {pii} was missing from the W-9, delaying the EUR 800 refund.",
         ],
         "eval": [
             "Tax form lists the shareholder's Social Security No. {pii} next to the 2022 dividend of USD 1,250.",
@@ -255,6 +257,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
             "For the EUR 50 mn rights issue call {pii} during office hours.",
             "Contact our trading desk at {pii}; shares rose 4.2 % on Monday.",
             "Client mobile: {pii}, portfolio down 1.8 % in Q2.",
+            "Tel. {pii} for the placement desk handling the EUR 12 mn issue.",
         ],
         "eval": [
             "The broker left a voicemail from {pii} about the USD 2.1 bn acquisition.",
@@ -281,6 +284,7 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
             "Wire USD 25,000 to account {pii} before the Q3 cut-off.",
             "Client acct # {pii} gained 6.3 % in 2023.",
             "Funds from a/c no. {pii} were moved to the money-market fund.",
+            "Acct. No. {pii} shows a margin call after the 7 % fall.",
         ],
         "eval": [
             "The brokerage account number {pii} holds EUR 1.2 mn in Finnish equities.",

@@ -38,8 +38,13 @@ _PHONE_SEP = r"(?:[ \-.][^\x00-\x7F]?|[^\x00-\x7F\w])"
 
 
 def _after(words: str, value: str) -> str:
-    """A pattern matching ``value`` only when it follows one of ``words`` (case-insensitive, word-bounded)."""
-    return rf"(?<=\b(?:{words})\b{_FILLER})(?<![\w])({value})(?![\w])"
+    """A pattern matching ``value`` only when it follows one of ``words`` (case-insensitive, word-bounded).
+
+    A label ending in a letter must end a word ("tel", not "telling"); one ending in "." or "#" ("tel.",
+    "ss#") may be followed by anything: a word boundary there would demand a letter or digit next, and
+    "Tel. 123 4567" or "SS# 219099999" would pass unmasked.
+    """
+    return rf"(?<=\b(?:{words})(?:(?<=\w)(?!\w)|(?<!\w)){_FILLER})(?<![\w])({value})(?![\w])"
 
 
 class DeclarativeRecognizer(PatternRecognizer):
@@ -215,7 +220,7 @@ class AccountNumberRecognizer(DeclarativeRecognizer):
     PATTERNS = [
         Pattern(
             "number after an account word",
-            _after(r"account|accounts|acct|acc|a/c|brokerage|portfolio\s{1,5}id|customer\s{1,5}id|client\s{1,5}id",
+            _after(r"account|accounts|acct\.?|acc\.?|a/c|brokerage|portfolio\s{1,5}id|customer\s{1,5}id|client\s{1,5}id",
                    _DIGITS.format(low=5, high=33)),
             0.75,
         ),
