@@ -12,17 +12,23 @@ Precedence, highest first:
 3. the defaults documented on the fields below.
 
 ``load_settings("cpu")`` is the one entry point; ``FINTUNE_PROFILE`` picks the profile when none is given.
+A ``FINTUNE_*`` variable that names no setting is an error (with the closest name), as a misspelt YAML key is;
+list and mapping values are written as JSON (``FINTUNE_GUARDRAILS__ENTITIES='["US_SSN", "CREDIT_CARD"]'``).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from fintune.errors import ConfigError
 
@@ -30,6 +36,8 @@ PROJECT_ROOT: Path = Path(__file__).resolve().parents[2]
 """The repository root (this file lives in ``src/fintune/``)."""
 
 DEFAULT_PROFILE = "cpu"
+ENV_PREFIX = "FINTUNE_"
+_ENV_NOT_SETTINGS = frozenset({"FINTUNE_CONFIG_DIR"})  # read before any settings exist (config_dir)
 SubsetName = Literal["50agree", "66agree", "75agree", "allagree"]
 
 
@@ -587,7 +595,7 @@ class Settings(BaseSettings):
     """Everything FinTune can be told, as one profile. Build it with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
-        env_prefix="FINTUNE_", env_nested_delimiter="__", env_parse_none_str="null", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null", extra="forbid", frozen=True
     )
 
     profile: str = Field(DEFAULT_PROFILE, description="Name of the profile these settings came from.")
@@ -661,19 +669,94 @@ def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
     """
     name = profile or os.environ.get("FINTUNE_PROFILE") or DEFAULT_PROFILE
     values = read_profile(name)
+    environment = environment_overrides()
+    check_override_names(environment)
     try:
         settings = Settings(**values)
+    except SettingsError as exc:
+        raise ConfigError(_unparsable(exc, environment)) from exc
     except ValidationError as exc:
-        raise ConfigError(f"profile {name!r} has invalid settings:\n{_readable(exc)}") from exc
+        lines, from_env = _readable(exc, environment)
+        source = f"profile {name!r}" + (" and its FINTUNE_* overrides" if from_env else "")
+        raise ConfigError(f"{source}: invalid settings:\n{lines}") from exc
     # FINTUNE_PROFILE is also an env value for the `profile` field: the file actually read wins.
     update = {"profile": values["profile"], **{k: v for k, v in overrides.items() if v is not None}}
     return settings.model_copy(update=update)
 
 
-def _readable(exc: ValidationError) -> str:
-    """One line per invalid field: ``  data.test_fraction: Input should be less than 0.5``."""
-    lines = []
+def environment_overrides() -> dict[str, str]:
+    """The ``FINTUNE_*`` environment variables meant as settings, by upper-cased name (names are case-blind)."""
+    return {key.upper(): value for key, value in os.environ.items()
+            if key.upper().startswith(ENV_PREFIX) and key.upper() not in _ENV_NOT_SETTINGS}
+
+
+def check_override_names(names: typing.Iterable[str]) -> None:
+    """Raise ConfigError for the first ``FINTUNE_*`` name that reaches no setting, suggesting the closest one."""
+    for name in sorted(names):
+        problem = _unknown_setting(name)
+        if problem:
+            raise ConfigError(problem)
+
+
+def _unknown_setting(name: str) -> str | None:
+    """Why the variable ``name`` reaches no field of :class:`Settings` (None when it does)."""
+    parts = name[len(ENV_PREFIX):].lower().split("__")
+    section: type[BaseModel] | None = Settings
+    for depth, part in enumerate(parts):
+        if section is None:  # the previous part was a plain value
+            return f"{name} names no setting: {'.'.join(parts[:depth])} is a single value, not a section"
+        fields = section.model_fields
+        if part not in fields:
+            hint = ""
+            for close in difflib.get_close_matches(part, list(fields), n=1):
+                hint = f"; did you mean {ENV_PREFIX}{'__'.join([*parts[:depth], close, *parts[depth + 1:]]).upper()}?"
+            where = ".".join(parts[:depth]) or "the top level"
+            return f"{name} names no setting: {where} has no field {part!r}{hint}"
+        annotation = fields[part].annotation
+        if _is_mapping(annotation) and depth < len(parts) - 1:
+            # pydantic-settings would lower-case the key and drop every other key of the mapping
+            whole = f"{ENV_PREFIX}{'__'.join(parts[:depth + 1]).upper()}"
+            return (f"{name} sets one key of the mapping {'.'.join(parts[:depth + 1])}, which the environment "
+                    f"cannot do (the key would be lower-cased, the other keys dropped): set {whole} to the whole "
+                    f"mapping as JSON")
+        section = _section(annotation)
+    return None
+
+
+def _types_of(annotation: Any) -> tuple[Any, ...]:
+    """The types a field may hold: each member of ``X | None``, else the annotation itself."""
+    return typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+
+
+def _section(annotation: Any) -> type[BaseModel] | None:
+    """The settings class a field holds (also inside ``X | None``), or None for a plain value."""
+    return next((t for t in _types_of(annotation) if isinstance(t, type) and issubclass(t, BaseModel)), None)
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """Whether a field holds a dict (its keys are data, not settings names)."""
+    return any(typing.get_origin(t) is dict or t is dict for t in _types_of(annotation))
+
+
+def _unparsable(exc: SettingsError, environment: dict[str, str]) -> str:
+    """The message for an override pydantic-settings could not decode (a list or mapping not written as JSON)."""
+    field = re.search(r'field "(\w+)"', str(exc))
+    prefix = f"{ENV_PREFIX}{field.group(1).upper()}" if field else ENV_PREFIX
+    culprits = ", ".join(f"{n}={v!r}" for n, v in sorted(environment.items()) if n.startswith(prefix)) or prefix
+    return (f"cannot read {culprits}: list and mapping settings are written as JSON, e.g. "
+            f"FINTUNE_GUARDRAILS__ENTITIES='[\"US_SSN\", \"CREDIT_CARD\"]'")
+
+
+def _readable(exc: ValidationError, environment: dict[str, str]) -> tuple[str, bool]:
+    """One line per invalid field (``  data.test_fraction: Input should be less than 0.5``), naming the
+    ``FINTUNE_*`` variable and its value where one set the field; and whether any did."""
+    lines, from_env = [], False
     for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"]) or "(profile)"
-        lines.append(f"  {where}: {error['msg']}")
-    return "\n".join(lines)
+        loc = [str(part) for part in error["loc"]]
+        where = ".".join(loc) or "(profile)"
+        variable = next((n for k in range(len(loc), 0, -1)
+                         if (n := f"{ENV_PREFIX}{'__'.join(loc[:k]).upper()}") in environment), None)
+        origin = f" (from {variable}={environment[variable]!r})" if variable else ""
+        from_env = from_env or variable is not None
+        lines.append(f"  {where}: {error['msg']}{origin}")
+    return "\n".join(lines), from_env

@@ -82,3 +82,48 @@ def test_the_queue_must_hold_the_largest_batch_and_document() -> None:
     ServingSettings(queue_size=1000, max_batch_items=256, max_document_sentences=1000)
     with pytest.raises(ValueError, match="max_document_sentences"):
         ServingSettings(queue_size=256, max_batch_items=256, max_document_sentences=1000)
+
+
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("FINTUNE_DATADIR", r"FINTUNE_DATADIR names no setting.*did you mean FINTUNE_DATA_DIR\?"),
+        ("FINTUNE_MONITORNG__DRIFT_THRESHOLD", r"did you mean FINTUNE_MONITORING__DRIFT_THRESHOLD\?"),
+        ("fintune_serving__portt", r"serving has no field 'portt'; did you mean FINTUNE_SERVING__PORT\?"),
+        ("FINTUNE_SERVING__PORT__X", r"serving\.port is a single value, not a section"),
+        ("FINTUNE_GUARDRAILS__SCORE_THRESHOLDS__US_SSN",
+         r"one key of the mapping guardrails\.score_thresholds.*set FINTUNE_GUARDRAILS__SCORE_THRESHOLDS to the whole"),
+    ],
+)
+def test_a_misspelt_environment_variable_is_an_error_with_the_closest_name(
+    monkeypatch: pytest.MonkeyPatch, variable: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, "0.2")
+    with pytest.raises(ConfigError, match=message):
+        load_settings("cpu")
+
+
+def test_mapping_keys_and_optional_sections_are_reachable_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs"))  # not a setting
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__ENTITIES", '["US_SSN", "CREDIT_CARD"]')
+    monkeypatch.setenv("FINTUNE_MONITORING__HEALTH_WEIGHTS", '{"latency": 1.0}')  # a section, as JSON
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__SCORE_THRESHOLDS", '{"US_SSN": 0.9}')  # a mapping, whole
+    monkeypatch.setenv("FINTUNE_SERVING__FAULTS__START_S", "3")  # a field of an optional section
+    settings = load_settings("cpu")
+    assert settings.guardrails.entities == ["US_SSN", "CREDIT_CARD"]
+    assert settings.monitoring.health_weights.latency == 1.0
+    assert settings.guardrails.score_thresholds["US_SSN"] == 0.9
+    assert settings.serving.faults is not None and settings.serving.faults.start_s == 3
+
+
+def test_a_list_not_written_as_json_says_how_to_write_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_GUARDRAILS__ENTITIES", "US_SSN,CREDIT_CARD")
+    with pytest.raises(ConfigError, match=r"FINTUNE_GUARDRAILS__ENTITIES='US_SSN,CREDIT_CARD'.*written as JSON"):
+        load_settings("cpu")
+
+
+def test_an_invalid_environment_value_names_the_variable_and_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_SERVING__PORT", "abc")
+    with pytest.raises(ConfigError, match=r"FINTUNE_\* overrides.*\n  serving\.port: .*") as raised:
+        load_settings("cpu")
+    assert "(from FINTUNE_SERVING__PORT='abc')" in str(raised.value)
