@@ -58,6 +58,7 @@ def test_guard_eval_writes_figures_with_provenance(
     monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_SAMPLES_PER_TEMPLATE", "2")
     monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_LATENCY_SAMPLES", "20")
     monkeypatch.setenv("FINTUNE_GUARDRAILS__EVAL_CLEAN_SENTENCES", "40")
+    monkeypatch.setenv("FINTUNE_DATA__SUBSET", "allagree")  # the clean sentences follow the profile's subset
     output = tmp_path / "guardrails.json"
     assert main(["guard-eval", "--compare-defaults", "--output", str(output)]) == 0
     report = json.loads(output.read_text())
@@ -71,6 +72,7 @@ def test_guard_eval_writes_figures_with_provenance(
     assert 0 < latency["p50_ms"] <= latency["p99_ms"] and latency["sentences"] == 20
     if "clean_phrasebank" in report:  # the shared PhraseBank is present
         assert report["clean_phrasebank"]["sentences"] == 40 and report["data"]["source_sha256"]
+        assert report["data"]["subset"] == "allagree"
         assert {"DATE_TIME", "LOCATION", "NRP"} <= set(report["presidio_defaults"]["all_entities"]["entities"])
     else:
         assert "skipped" in report["data"]

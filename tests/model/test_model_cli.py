@@ -109,3 +109,12 @@ def test_the_encoder_trains_from_the_teacher_it_is_given_and_says_when_it_has_no
     capsys.readouterr()
     assert main(["train", "--profile", "tiny-mistral", "--teacher", str(teacher)]) != 0
     assert "only the encoder" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_subset_the_model_trained_on_unless_told(tiny_env: Path) -> None:
+    model_dir = tiny_env / "allagree"
+    assert main(["train", "--profile", "tiny-mistral", "--subset", "allagree", "--output-dir", str(model_dir),
+                 "--max-steps", "1"]) == 0
+    assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 0  # the profile says 50agree
+    metrics = json.loads((model_dir / "eval" / "allagree" / "metrics.json").read_text())
+    assert metrics["data"]["subset"] == "allagree"

@@ -83,8 +83,9 @@ def guard_eval_command(
         Path | None, typer.Option("--output", "-o", help="Result file (default: outputs/guardrails/guard_eval.json).")
     ] = None,
     subset: Annotated[
-        str, typer.Option(help="PhraseBank subset whose clean sentences must stay unaltered.")
-    ] = "50agree",
+        str | None,
+        typer.Option(help="PhraseBank subset whose clean sentences must stay unaltered (default: the profile's)."),
+    ] = None,
     compare_defaults: Annotated[
         bool, typer.Option(help="Also measure Presidio's own defaults (full spaCy NER) as the baseline (slow).")
     ] = False,
@@ -94,7 +95,8 @@ def guard_eval_command(
     from fintune.guardrails import evaluation as guard_eval
 
     settings = load_settings(profile)
-    subset = check_subset(subset)  # a typo is a usage error, not a report without its clean-sentence figures
+    # a typo is a usage error, not a report without its clean-sentence figures
+    subset = check_subset(subset or settings.data.subset)
     config = settings.guardrails
     guard = _guard(settings)
     report: dict[str, Any] = {

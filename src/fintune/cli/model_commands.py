@@ -16,7 +16,7 @@ from fintune.cli._app import ProfileOption, app, console
 from fintune.config import load_settings
 from fintune.data import check_subset, load_splits
 from fintune.errors import ArtifactError
-from fintune.model.card import CHECKPOINT_DIR, finished_card, forget_training, is_trained
+from fintune.model.card import CHECKPOINT_DIR, finished_card, forget_training, is_trained, read_card
 from fintune.provenance import command_line
 
 
@@ -103,7 +103,7 @@ def calibrate_command(
     from fintune.evaluation import write_json
     from fintune.model.assessment import load_classifier
     from fintune.model.calibration import calibrate
-    from fintune.model.card import CARD_FILE, read_card
+    from fintune.model.card import CARD_FILE
 
     settings = load_settings(profile)
     card = read_card(model)
@@ -155,7 +155,10 @@ def lora_report_command(
 @app.command("evaluate")
 def evaluate_command(
     model: Annotated[Path, typer.Option("--model", "-m", help="A folder written by `fintune train`.")],
-    subset: Annotated[str, typer.Option(help="Agreement level whose test split is scored.")] = "50agree",
+    subset: Annotated[
+        str | None,
+        typer.Option(help="Agreement level whose test split is scored (default: the one the model trained on)."),
+    ] = None,
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Where to write (default: <model>/eval/<subset>/).")
     ] = None,
@@ -165,7 +168,7 @@ def evaluate_command(
     from fintune.model.assessment import evaluate
 
     settings = load_settings(profile)
-    name = check_subset(subset)
+    name = check_subset(subset or read_card(model).get("data", {}).get("subset") or settings.data.subset)
     target = output_dir or model / "eval" / name
     result = evaluate(model, settings, name, target, command=command_line())
     metrics, comparison = result["metrics"], result["comparison"]
