@@ -81,3 +81,16 @@ def test_guard_eval_writes_figures_with_provenance(
     assert "ORGANIZATION" not in baseline["entities"]
     assert baseline["synthetic_eval"]["sentences"] == held_out["sentences"]
     assert "written to" in capsys.readouterr().out
+
+
+def test_an_unreadable_jsonl_file_fails_before_the_guard_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fintune.cli.guard_commands as commands
+
+    def no_guard(settings: object) -> None:
+        raise AssertionError("the guard was loaded for a file that cannot be read")
+
+    monkeypatch.setattr(commands, "_guard", no_guard)
+    assert main(["guard", "--jsonl", str(tmp_path / "missing.jsonl")]) == 2
+    assert "cannot read" in capsys.readouterr().err

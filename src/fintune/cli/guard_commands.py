@@ -51,11 +51,12 @@ def guard_command(
     """Mask PII and print one GuardrailResult as JSON per input (one line per --jsonl line, in order)."""
     if (text is None) == (jsonl is None):
         raise GuardrailError("give either TEXT or --jsonl FILE (exactly one of them)")
+    texts = None if jsonl is None else list(_read_texts(jsonl))  # a bad file fails before the slow guard load
     guard = _guard(load_settings(profile))
-    if text is not None:
-        typer.echo(guard.redact(text).to_json())
+    if texts is None:
+        typer.echo(guard.redact(str(text)).to_json())
         return
-    for result in guard.redact_batch(list(_read_texts(jsonl))):
+    for result in guard.redact_batch(texts):
         typer.echo(result.to_json())
 
 
