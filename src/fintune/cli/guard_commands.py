@@ -88,7 +88,10 @@ def guard_eval_command(
         typer.Option(help="PhraseBank subset whose clean sentences must stay unaltered (default: the profile's)."),
     ] = None,
     compare_defaults: Annotated[
-        bool, typer.Option(help="Also measure Presidio's own defaults (full spaCy NER) as the baseline (slow).")
+        bool,
+        typer.Option(
+            "--compare-defaults", help="Also measure Presidio's own defaults (full spaCy NER) as the baseline (slow)."
+        ),
     ] = False,
     profile: ProfileOption = None,
 ) -> None:

@@ -29,10 +29,16 @@ def train_command(
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
     subset: Annotated[str | None, typer.Option(help="Agreement level to train on (default: the profile's).")] = None,
     skip_if_trained: Annotated[
-        bool, typer.Option(help="Do nothing when the folder already holds this profile trained on this data.")
+        bool,
+        typer.Option(
+            "--skip-if-trained", help="Do nothing when the folder already holds this profile trained on this data."
+        ),
     ] = False,
     overwrite: Annotated[
-        bool, typer.Option(help="Train from scratch even when the folder already holds a finished model (replaced).")
+        bool,
+        typer.Option(
+            "--overwrite", help="Train from scratch even when the folder already holds a finished model (replaced)."
+        ),
     ] = False,
     teacher: Annotated[
         Path | None,
