@@ -71,7 +71,10 @@ class SystemMonitor:
     _instance: ClassVar[SystemMonitor | None] = None
     _instance_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, settings: MonitoringSettings | None = None, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, settings: MonitoringSettings | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Empty windows under ``settings`` (the defaults when None), timed by ``clock``."""
         self.settings = settings or MonitoringSettings()
         self.clock = clock
         self._lock = threading.Lock()
