@@ -130,3 +130,27 @@ def test_a_guard_failure_withholds_the_record_and_never_breaks_the_logging_call(
     output = all_log_output.getvalue()
     _assert_clean(output)
     assert "[withheld: the PII guard failed on this record (ValueError)]" in output
+
+
+def test_uvicorn_access_lines_are_redacted_in_the_shape_its_formatter_unpacks(guard: PIIGuard) -> None:
+    from uvicorn.logging import AccessFormatter
+
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s', use_colors=False))
+    log = logging.getLogger("fintune.test.access")  # uvicorn.access logs the same way
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    uninstall = install_log_redaction(guard)
+    try:
+        for query in (f"contact={SECRETS[2]}", f"ref={SECRETS[0]}"):  # an email after "?" once went unmasked
+            log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5555", "POST", f"/v1/classify?{query}", "1.1", 200)
+    finally:
+        uninstall()
+        log.removeHandler(handler)
+    lines = buffer.getvalue().splitlines()
+    _assert_clean(buffer.getvalue())
+    # the address pattern takes the query's "?" and "/" as part of the local part: the whole path goes
+    assert lines == ['127.0.0.1:5555 - "POST /<EMAIL_ADDRESS> HTTP/1.1" 200 OK',
+                     '127.0.0.1:5555 - "POST /v1/classify?ref=<US_SSN> HTTP/1.1" 200 OK']

@@ -86,8 +86,26 @@ def _redact_message(record: logging.LogRecord, guard: PIIGuard) -> None:
     if not may_hold_pii(message):
         return
     result = guard.redact(message)
-    if result.pii_detected:
+    if result.pii_detected and not _redact_arguments(record, guard):
         record.msg, record.args = result.redacted_text, None
+
+
+def _redact_arguments(record: logging.LogRecord, guard: PIIGuard) -> bool:
+    """Mask PII in each %-argument, keeping the tuple (uvicorn's access formatter unpacks it: with ``args=None``
+    each such request logged a traceback instead of its line); False, changing nothing, unless that leaves no
+    PII in the message."""
+    if not isinstance(record.args, tuple) or not record.args:
+        return False
+    masked = tuple(guard.redact(arg).redacted_text if isinstance(arg, str) and may_hold_pii(arg) else arg
+                   for arg in record.args)
+    try:
+        merged = record.msg % masked
+    except (TypeError, ValueError):
+        return False
+    if may_hold_pii(merged) and guard.redact(merged).pii_detected:  # PII in the template, or across arguments
+        return False
+    record.args = masked
+    return True
 
 
 def _redact_exception(record: logging.LogRecord, guard: PIIGuard) -> None:

@@ -71,8 +71,12 @@ class OfflineEmailRecognizer(EmailRecognizer):
     _EXTRACT = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
 
     def validate_result(self, pattern_text: str) -> bool:
-        """True when the address ends in a known public suffix (bundled Public Suffix List snapshot)."""
-        return self._EXTRACT(pattern_text).fqdn != ""
+        """True when the domain after the "@" ends in a known public suffix (bundled Public Suffix List snapshot).
+
+        Only the domain is parsed: the whole match read as a URL loses its domain to a "?" or "/" in the local part
+        (the pattern allows both), and "/v1/classify?contact=john.doe@example.com" in an access log went unmasked.
+        """
+        return self._EXTRACT(pattern_text.rpartition("@")[2]).fqdn != ""
 
 
 class FinancialCreditCardRecognizer(CreditCardRecognizer):
