@@ -14,7 +14,7 @@ from test_guard_masking import FINANCIAL_SIGNAL, PII_CASES
 from fintune.config import GuardrailSettings
 from fintune.guardrails import PIIGuard
 from fintune.guardrails import evaluation as ev
-from fintune.guardrails.engine import for_detection, merge_overlaps
+from fintune.guardrails.engine import in_original, merge_overlaps, prepare
 from fintune.guardrails.recognizers import EVIDENCE, all_recognizers, count_digits
 
 NEAR_MISSES = [
@@ -31,10 +31,15 @@ NEAR_MISSES = [
 """Texts that hold part of a PII shape: fewer digits than it needs, or no "@"."""
 
 
+def _prepared_spans(guard: PIIGuard, prepared: str) -> list[RecognizerResult]:
+    """What Presidio finds in a prepared text, without the guard's skip."""
+    return guard.analyzer.analyze(text=prepared, language=guard.settings.language, entities=guard.settings.entities)
+
+
 def _raw_spans(guard: PIIGuard, text: str) -> list[RecognizerResult]:
-    """What Presidio finds in ``text`` without the guard's skip."""
-    return guard.analyzer.analyze(text=for_detection(text), language=guard.settings.language,
-                                  entities=guard.settings.entities)
+    """What Presidio finds in ``text`` without the guard's skip, as offsets of ``text``."""
+    prepared, origin = prepare(text)
+    return in_original(_prepared_spans(guard, prepared), origin)
 
 
 def _corpus() -> list[str]:
@@ -51,8 +56,8 @@ def test_every_recognizer_declares_its_evidence() -> None:
 def test_every_span_found_holds_its_recognizers_evidence(guard: PIIGuard) -> None:
     seen: set[str] = set()
     for text in _corpus():
-        prepared = for_detection(text)
-        for span in _raw_spans(guard, text):
+        prepared, _ = prepare(text)
+        for span in _prepared_spans(guard, prepared):
             name = span.recognition_metadata[RecognizerResult.RECOGNIZER_NAME_KEY]
             value = prepared[span.start:span.end]
             assert EVIDENCE[name].present_in(value, count_digits(value)), (name, value)

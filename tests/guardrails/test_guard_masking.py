@@ -60,6 +60,15 @@ PII_CASES = [
     ("US_SSN", "Soc. Sec. No. 219099999 on the 1099.", "219099999"),
     ("US_SSN", "SS# 219099999 on the W-2.", "219099999"),
     ("US_SSN", "SS#219 09 9999 on the W-2.", "219 09 9999"),
+    # invisible characters inside the value (zero-width space and joiner, soft hyphen, word joiner, BOM)
+    ("US_SSN", "Client SSN 536-22-81\u200b45 on file.", "536-22-81\u200b45"),
+    ("CREDIT_CARD", "Card 4111\u00ad1111\u00ad1111\u00ad1111 on file.", "4111\u00ad1111\u00ad1111\u00ad1111"),
+    ("EMAIL_ADDRESS", "Mail john.doe\u200b@example.com today.", "john.doe\u200b@example.com"),
+    ("ACCOUNT_NUMBER", "Refund to account 00123\u200d45678 today.", "00123\u200d45678"),
+    ("PHONE_NUMBER", "Call +44 20\u2060 7946 0958\ufeff now.", "+44 20\u2060 7946 0958"),
+    # a line wrapped after a hyphen inside the number, as PDFs and e-mail clients wrap them
+    ("US_SSN", "Client SSN 536-22-\n8145 on file.", "536-22-\n8145"),
+    ("CREDIT_CARD", "Card 4111-1111-\r\n  1111-1111 on file.", "4111-1111-\r\n  1111-1111"),
 ]
 
 FINANCIAL_SIGNAL = [

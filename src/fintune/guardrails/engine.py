@@ -5,10 +5,13 @@ slim spaCy engine (tokens and lemmas for context words; NER and parser disabled,
 comes from NER). The spaCy model is loaded as an installed package and never downloaded; the email check uses
 tldextract's bundled suffix list. Nothing here touches the network.
 
-The recognizers read a copy of the text normalised one character for one character (:func:`for_detection`:
-Unicode spaces and line breaks to a space, dashes to "-", non-ASCII digits to ASCII), so a card or SSN pasted
-with no-break spaces, en dashes, full-width digits or over several lines is found; the offsets are the same,
-and the original text is what gets masked.
+The recognizers read a prepared copy of the text (:func:`prepare`): invisible format characters (zero-width
+spaces and joiners, soft hyphens, bidi marks) and a line break right after a hyphen inside a number
+("536-22-\n8145") are left out, then the rest is normalised one character for one character
+(:func:`for_detection`: Unicode spaces and line breaks to a space, dashes to "-", non-ASCII digits to ASCII), so
+a card or SSN pasted with no-break spaces, en dashes, full-width digits, hidden characters or over several lines
+is found. Spans are mapped back to the original text, which is what gets masked (hidden characters inside a span
+go with it).
 
 A text in which no registered recognizer's declared evidence is present (``recognizers.EVIDENCE``: fewer digits
 than any of them needs, no "@") is not analysed at all: nothing in it could be flagged, and spaCy plus
@@ -22,6 +25,7 @@ import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
 
+import regex
 from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine, RecognizerResult
 from presidio_analyzer.nlp_engine.slim_spacy_nlp_engine import SlimSpacyNlpEngine
 from presidio_analyzer.recognizer_registry import RecognizerRegistry
@@ -72,24 +76,24 @@ class PIIGuard:
 
     def detect(self, text: str) -> list[RecognizerResult]:
         """Non-overlapping PII spans in ``text`` (in-process only: these offsets never leave the guard's caller)."""
-        prepared = for_detection(text)
+        prepared, origin = prepare(text)
         if not self.could_hold_pii(prepared):
             return []
-        return merge_overlaps(self.analyzer.analyze(text=prepared, language=self.settings.language,
-                                                    entities=self.settings.entities))
+        found = self.analyzer.analyze(text=prepared, language=self.settings.language, entities=self.settings.entities)
+        return merge_overlaps(in_original(found, origin))
 
     def detect_batch(self, texts: Sequence[str]) -> list[list[RecognizerResult]]:
         """:meth:`detect` for many texts, running spaCy once over those that could hold PII (``nlp.pipe``)."""
-        prepared = [for_detection(text) for text in texts]
-        candidates = [index for index, text in enumerate(prepared) if self.could_hold_pii(text)]
+        prepared = [prepare(text) for text in texts]
+        candidates = [index for index, (text, _) in enumerate(prepared) if self.could_hold_pii(text)]
         found: dict[int, list[RecognizerResult]] = {}
         if candidates:
             analysed = self.batch_analyzer.analyze_iterator(
-                texts=[prepared[index] for index in candidates], language=self.settings.language,
+                texts=[prepared[index][0] for index in candidates], language=self.settings.language,
                 entities=self.settings.entities, batch_size=self.settings.batch_size,
             )
             found = dict(zip(candidates, analysed, strict=True))
-        return [merge_overlaps(found.get(index, [])) for index in range(len(texts))]
+        return [merge_overlaps(in_original(found.get(index, []), prepared[index][1])) for index in range(len(texts))]
 
     def redact(self, text: str) -> GuardrailResult:
         """``text`` with every PII span replaced by its type (``<CREDIT_CARD>``), as a :class:`GuardrailResult`."""
@@ -124,6 +128,28 @@ class PIIGuard:
 
 
 _UNUSUAL = re.compile(r"[^\x20-\x7e]")  # anything but printable ASCII: line breaks, tabs, non-ASCII
+# what detection leaves out: invisible format characters, and a line wrapped after a hyphen inside a number
+_LEFT_OUT = regex.compile(r"\p{Cf}|(?<=\d-)[ \t]*(?:\r\n|[\n\r\v\f\x85\u2028\u2029])[ \t]*(?=\d)")
+
+
+def prepare(text: str) -> tuple[str, list[int] | None]:
+    """The text the recognizers read, and for each of its characters the offset it has in ``text`` (None when
+    nothing was left out, and offsets are unchanged)."""
+    if not _LEFT_OUT.search(text):
+        return for_detection(text), None
+    kept = [True] * len(text)
+    for match in _LEFT_OUT.finditer(text):
+        kept[match.start():match.end()] = [False] * (match.end() - match.start())
+    origin = [index for index, keep in enumerate(kept) if keep]
+    return for_detection("".join(text[index] for index in origin)), origin
+
+
+def in_original(spans: Iterable[RecognizerResult], origin: list[int] | None) -> list[RecognizerResult]:
+    """``spans`` found in a prepared text, as offsets of the text it was prepared from."""
+    if origin is None:
+        return list(spans)
+    return [RecognizerResult(span.entity_type, origin[span.start], origin[span.end - 1] + 1, span.score)
+            for span in spans if span.end > span.start]
 
 
 def for_detection(text: str) -> str:
