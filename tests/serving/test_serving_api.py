@@ -101,15 +101,22 @@ def test_analyze_rejects_bad_characters_with_their_position_in_the_document(clie
     assert control.status_code == 422 and "position 18" in control.json()["error"]["message"]
 
 
-def test_analyze_cuts_an_over_long_sentence_outside_its_pii(serving_settings: Settings, guard: PIIGuard) -> None:
+def test_analyze_classifies_an_over_long_sentence_in_pieces_cut_outside_its_pii(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
     model = KeywordClassifier()
     sentence = "x" * 1980 + " mail john.doe@example.com now about sales that rose"
     with make_client(serving_settings, guard, classifier=model) as client:
         wait_ready(client)
-        response = client.post("/v1/analyze", json={"text": sentence})
+        response = client.post("/v1/analyze", json={"text": sentence + ". Costs fell."})
     assert response.status_code == 200
-    [seen] = model.seen
-    assert len(seen) <= serving_settings.serving.max_text_chars and "john.doe" not in seen and "examp" not in seen
+    first, second, after = model.seen
+    assert all(len(seen) <= serving_settings.serving.max_text_chars for seen in model.seen)
+    # cut before the address that crosses the limit, and nothing dropped
+    assert first == "x" * 1980 + " mail" and second == "<EMAIL_ADDRESS> now about sales that rose."
+    assert after == "Costs fell."
+    results = response.json()["results"]
+    assert [r["cut"] for r in results] == [True, True, False] and [r["index"] for r in results] == [0, 1, 2]
     assert "john.doe" not in response.text
 
 
@@ -274,6 +281,25 @@ def test_cut_sentence_never_splits_a_span(spans: list[tuple[int, int]], expected
     found = [SimpleNamespace(start=a, end=b) for a, b in spans]
     assert cut_sentence("aaaa bbbb cccc dddd", 12, found) == expected
     assert cut_sentence("short", 12, found) == "short"
+
+
+@pytest.mark.parametrize(
+    ("spans", "expected"),
+    [
+        ([], ["aaaa bbbb", "cccc dddd"]),
+        ([(5, 14)], ["aaaa", "bbbb cccc", "dddd"]),  # the span stays in one piece
+        ([(0, 14)], ["aaaa bbbb cccc", "dddd"]),  # a value longer than the limit stays whole (then refused)
+    ],
+)
+def test_split_long_keeps_every_character_and_every_span_whole(
+    spans: list[tuple[int, int]], expected: list[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from fintune.serving.documents import split_long
+
+    found = [SimpleNamespace(start=a, end=b) for a, b in spans]
+    assert split_long("aaaa bbbb cccc dddd", 12, found) == expected
 
 
 def test_requests_abandoned_by_their_clients_cost_no_model_time(serving_settings: Settings, guard: PIIGuard) -> None:

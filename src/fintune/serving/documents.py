@@ -3,7 +3,8 @@
 The splitter is a blank English spaCy pipeline with the ``sentencizer`` component: no model download, and its
 tokenizer keeps numbers such as ``EUR 13.1 mn``, e-mail addresses and URLs whole, so a split never cuts a PII
 value in two before the guard sees it. Line breaks between paragraphs also end a sentence. A sentence over the
-per-text limit is cut outside every PII span the guard finds in it (:func:`cut_sentence`).
+per-text limit is classified in pieces, cut outside every PII span the guard finds in it (:func:`split_long`):
+nothing of it goes unclassified.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from fintune.errors import InvalidInputError
 
@@ -58,16 +59,40 @@ def check_document(document: str, max_chars: int, max_sentences: int, sentences:
 
 
 def cut_sentence(sentence: str, max_chars: int, spans: Sequence[Any]) -> str:
-    """``sentence`` cut to at most ``max_chars`` (a run-on 'sentence' of a filing table can be very long) at the
-    last whitespace before the limit, never inside a PII span (``start``/``end`` found in the whole sentence),
-    so a value cut in two cannot slip past the guard; the cut-off tail is not classified."""
+    """The first piece of ``sentence`` (at most ``max_chars``, a run-on 'sentence' of a filing table can be very
+    long): up to the last whitespace before the limit, never inside a PII span (``start``/``end`` found in the
+    whole sentence), so a value cut in two cannot slip past the guard."""
     if len(sentence) <= max_chars:
         return sentence
     cut = max_chars
     while any(span.start < cut < span.end for span in spans):
         cut = min(span.start for span in spans if span.start < cut < span.end)
+    if cut == 0:  # one value longer than the limit: kept whole (the per-text check then refuses it)
+        return sentence[: max(span.end for span in spans if span.start == 0)]
     space = max((i for i in range(cut + 1) if i < len(sentence) and sentence[i].isspace()), default=0)
     return sentence[: space or cut].rstrip()
+
+
+def split_long(sentence: str, max_chars: int, spans: Sequence[Any]) -> list[str]:
+    """``sentence`` as consecutive pieces of at most ``max_chars`` (:func:`cut_sentence` each), all of it."""
+    pieces: list[str] = []
+    start = 0
+    while start < len(sentence):
+        rest = sentence[start:]
+        shifted = [_Span(span.start - start, span.end - start) for span in spans if span.end > start]
+        piece = cut_sentence(rest, max_chars, shifted)
+        pieces.append(piece)
+        start += len(piece)
+        while start < len(sentence) and sentence[start].isspace():
+            start += 1
+    return pieces
+
+
+class _Span(NamedTuple):
+    """A span's offsets within the rest of a sentence."""
+
+    start: int
+    end: int
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

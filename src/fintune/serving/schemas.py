@@ -114,6 +114,10 @@ class SentenceResult(BaseModel):
     scores: dict[str, float]
     degraded: bool
     pii_types: list[str]
+    cut: bool = Field(
+        False, description="True for each piece of a sentence over the per-text limit, classified piece by piece "
+        "(cut at whitespace, never inside a PII value)."
+    )
 
 
 class Aggregate(BaseModel):

@@ -198,7 +198,9 @@ class Services:
         check_characters(document, "document")  # positions in the document; spaCy never sees a lone surrogate
         sentences = await asyncio.to_thread(documents.split_sentences, document)
         documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
-        sentences = await asyncio.to_thread(_fit_sentences, pipeline, sentences, s.max_text_chars)
+        pieces = await asyncio.to_thread(_fit_sentences, pipeline, sentences, s.max_text_chars)
+        sentences, cut = [text for text, _ in pieces], [was_cut for _, was_cut in pieces]
+        documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
         for sentence in sentences:
             pipeline.validate(sentence)
         outcomes = await self._submit(sentences, started)
@@ -209,7 +211,7 @@ class Services:
         if len(failed) == len(outcomes):  # nothing to aggregate: the request fails with the first reason
             assert outcomes[0].error is not None
             raise ItemFailedError(outcomes[0].error)
-        results = [sentence_result(i, o) for i, o in enumerate(outcomes) if o.error is None]
+        results = [sentence_result(i, o, cut[i]) for i, o in enumerate(outcomes) if o.error is None]
         return {
             "aggregate": documents.aggregate(results),
             "results": results,
@@ -241,19 +243,23 @@ async def in_daemon_thread(fn: Callable[[], None], name: str) -> None:
     await done
 
 
-def _fit_sentences(pipeline: ClassificationPipeline, sentences: list[str], max_chars: int) -> list[str]:
-    """Sentences over the per-text limit cut outside the PII spans the guard finds in each (fails closed)."""
+def _fit_sentences(pipeline: ClassificationPipeline, sentences: list[str], max_chars: int) -> list[tuple[str, bool]]:
+    """Each text to classify and whether it is a piece of a longer sentence: sentences over the per-text limit
+    come in pieces cut outside the PII spans the guard finds in them (fails closed)."""
     long = [i for i, sentence in enumerate(sentences) if len(sentence) > max_chars]
-    if not long:
-        return sentences
+    spans: list[list[Any]] = []
     try:
-        spans = pipeline.guard.detect_batch([sentences[i] for i in long])
+        spans = pipeline.guard.detect_batch([sentences[i] for i in long]) if long else []
     except Exception as exc:  # fail closed, as the batch path does: no sentence is cut blind
         logger.exception("PII guard failed on %d over-long sentences", len(long))
         raise ItemFailedError(guard_failed(exc)) from None
-    fitted = list(sentences)
-    for i, found in zip(long, spans, strict=True):
-        fitted[i] = documents.cut_sentence(sentences[i], max_chars, found)
+    found = dict(zip(long, spans, strict=True))
+    fitted: list[tuple[str, bool]] = []
+    for i, sentence in enumerate(sentences):
+        if i in found:
+            fitted += [(piece, True) for piece in documents.split_long(sentence, max_chars, found[i])]
+        else:
+            fitted.append((sentence, False))
     return fitted
 
 
@@ -291,8 +297,8 @@ def batch_item(index: int, outcome: ItemOutcome) -> dict[str, Any]:
     return {"index": index, "result": classification(outcome), "error": None}
 
 
-def sentence_result(index: int, outcome: ItemOutcome) -> dict[str, Any]:
-    """One SentenceResult body (the sentence as the model saw it: redacted)."""
+def sentence_result(index: int, outcome: ItemOutcome, cut: bool = False) -> dict[str, Any]:
+    """One SentenceResult body (the sentence as the model saw it: redacted; ``cut``: a piece of a longer one)."""
     assert outcome.prediction is not None and outcome.guardrail is not None
     p, g = outcome.prediction, outcome.guardrail
     return {
@@ -303,6 +309,7 @@ def sentence_result(index: int, outcome: ItemOutcome) -> dict[str, Any]:
         "scores": p.scores,
         "degraded": outcome.degraded,
         "pii_types": g.pii_types,
+        "cut": cut,
     }
 
 
