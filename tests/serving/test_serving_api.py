@@ -167,12 +167,14 @@ def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PII
         header = client.post("/v1/classify", json=body, headers={"X-API-Key": "s3cret-key"})
         bearer = client.post("/v1/classify", json=body, headers={"Authorization": "Bearer s3cret-key"})
         health = [client.get(p).status_code for p in ("/healthz", "/readyz")]
+        probes = [client.head(p) for p in ("/healthz", "/readyz")]  # uptime monitors often send HEAD
     assert (missing.status_code, wrong.status_code) == (401, 401)
     assert "missing API key" in missing.json()["error"]["message"]
     assert wrong.json()["error"]["message"] == "invalid API key"
     assert missing.headers["www-authenticate"] == "Bearer"
     assert (header.status_code, bearer.status_code) == (200, 200)
     assert health == [200, 200]
+    assert [p.status_code for p in probes] == [200, 200] and all(p.content == b"" for p in probes)
 
 
 def test_a_non_ascii_api_key_is_accepted_as_its_utf8_bytes(serving_settings: Settings, guard: PIIGuard) -> None:

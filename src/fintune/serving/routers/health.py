@@ -1,4 +1,5 @@
-"""GET /healthz (the process is alive) and GET /readyz (model loaded and breaker not open); both open."""
+"""GET /healthz (the process is alive) and GET /readyz (model loaded and breaker not open); both open, both also
+answer HEAD (uptime probes that send HEAD would otherwise read 405 as down)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def _body(services: Services, status: str, request_id: str) -> dict:
     }
 
 
-@router.get("/healthz", response_model=HealthResponse, summary="Liveness")
+@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=HealthResponse, summary="Liveness")
 async def healthz(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> dict:
@@ -34,8 +35,8 @@ async def healthz(
     return _body(services, "ok", request_id)
 
 
-@router.get("/readyz", response_model=HealthResponse, responses={503: {"model": HealthResponse}},
-            summary="Readiness")
+@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=HealthResponse,
+                  responses={503: {"model": HealthResponse}}, summary="Readiness")
 async def readyz(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> JSONResponse:
