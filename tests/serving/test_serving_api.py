@@ -140,6 +140,11 @@ BAD_INPUTS = [
     ("empty batch", "/v1/classify/batch", {"json": {"texts": []}}, 422),
     ("batch item of wrong type", "/v1/classify/batch", {"json": {"texts": ["ok", 3]}}, 422),
     ("empty document", "/v1/analyze", {"json": {"text": "  "}}, 422),
+    ("form content type", "/v1/classify", {"data": {"text": "Sales rose."}}, 415),
+    ("text content type", "/v1/classify/batch", {"content": b'{"texts": ["a"]}',
+                                                 "headers": {"content-type": "text/plain"}}, 415),
+    ("JSON nested too deeply", "/v1/classify", {"content": b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                                "headers": {"content-type": "application/json"}}, 400),
 ]
 
 

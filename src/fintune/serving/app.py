@@ -118,6 +118,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+            # FastAPI reads such a body as no JSON at all and reports "Input should be a valid dictionary"
+            return _error(request, 415, "unsupported_media_type",
+                          f"send the body as JSON with Content-Type: application/json (got {media_type!r})")
         status, code, message = _readable(exc.errors())
         return _error(request, status, code, message)
 
@@ -146,7 +151,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code, message = _http_code(exc.status_code), str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
-            code, message = "invalid_body", "request body could not be read as UTF-8 JSON"
+            code, message = "invalid_body", ("request body could not be parsed: send UTF-8 JSON, nested at most a "
+                                             "few hundred levels deep")
         return _error(request, exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -157,6 +163,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 def _http_code(status: int) -> str:
     """A code name for a plain HTTP error."""
-    return {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+    return {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+            415: "unsupported_media_type"}.get(
         status, f"http_{status}"
     )
