@@ -85,6 +85,20 @@ def test_percentiles_error_rate_and_throughput() -> None:
     assert monitor.throughput_rps() == 0.0
 
 
+@pytest.mark.parametrize("window_s", [1.0, 5.0, 60.0])
+def test_steady_traffic_reads_its_rate_at_any_moment_of_the_second(window_s: float) -> None:
+    clock = ManualClock()
+    monitor = SystemMonitor(MonitoringSettings(throughput_window_s=window_s), clock=clock)
+    start, sent = clock.now, 0
+    for read_at in (199.015, 199.505, 199.995, 200.5):  # early, midway and late in a second
+        while sent / 100 <= read_at:  # 100 requests a second up to the moment of reading
+            clock.now = start + sent / 100
+            monitor.record(0.01, label="neutral")
+            sent += 1
+        clock.now = start + read_at
+        assert monitor.throughput_rps() == pytest.approx(100, rel=0.02), read_at
+
+
 def test_health_score_formula() -> None:
     s = MonitoringSettings()
     assert health_components(s, None, None, None, None) == {"latency": 1, "errors": 1, "throughput": 1, "drift": 1}

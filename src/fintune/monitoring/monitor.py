@@ -5,8 +5,9 @@ One :class:`SystemMonitor` per process (:meth:`SystemMonitor.instance`; tests us
 :meth:`SystemMonitor.record`; the monitor keeps, under one lock:
 
 * the last ``latency_window`` requests (default 1000): latency p50/p95/p99 and the error rate;
-* per-second request counts over ``throughput_window_s`` (60 s): throughput in requests/s, divided by
-  the shorter of that window and the monitor's age (at least 1 s);
+* per-second request counts over ``throughput_window_s`` (60 s): throughput in requests/s, divided by the
+  seconds those counts cover (the window, plus the part of the second it starts in; the monitor's age when
+  shorter; at least 1 s);
 * totals: requests, errors by exception type, predictions by label, PII detections by type, fallbacks;
 * the drift detector (when a baseline is set), fed with every predicted label.
 
@@ -28,6 +29,7 @@ this package does not import the breaker.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -149,8 +151,8 @@ class SystemMonitor:
         self._trim_seconds(now)
 
     def _trim_seconds(self, now: float) -> None:
-        """Drop per-second buckets outside the throughput window."""
-        oldest = now - self.settings.throughput_window_s
+        """Drop per-second buckets that end before the throughput window starts (the one it starts in stays)."""
+        oldest = math.floor(now - self.settings.throughput_window_s)
         while self._per_second and self._per_second[0][0] < oldest:
             self._per_second.popleft()
 
@@ -208,13 +210,15 @@ class SystemMonitor:
         return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
 
     def throughput_rps(self) -> float:
-        """Requests per second over the throughput window (or the monitor's age when shorter, at least 1 s)."""
+        """Requests per second over the seconds the kept buckets cover: the window plus the part of the second it
+        starts in (or the monitor's age when shorter, at least 1 s). Dividing by the window alone read low, by up
+        to a second's worth: 80 instead of 100 requests/s with a 5 s window."""
         with self._lock:
             now = self.clock()
             self._trim_seconds(now)
             count = sum(c for _, c in self._per_second)
-        span = max(1.0, min(self.settings.throughput_window_s, now - self._started))
-        return count / span
+        covered = now - max(math.floor(now - self.settings.throughput_window_s), self._started)
+        return count / max(1.0, covered)
 
     def error_rate(self) -> float | None:
         """Share of failed requests in the window (None when empty)."""
