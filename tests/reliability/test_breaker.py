@@ -232,6 +232,25 @@ def test_slow_calls_count_as_failures_but_still_return() -> None:
     assert breaker.snapshot()["slow_calls"] == 2
 
 
+def test_a_shared_breaker_times_calls_on_a_monotonic_clock_not_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fintune.reliability import MemoryStorage
+
+    class SharedMemory(MemoryStorage):
+        shared = True  # as RedisStorage: records keep wall-clock times
+
+    wall = ManualClock()
+    monkeypatch.setattr(time, "time", wall)
+    breaker = CircuitBreaker(storage=SharedMemory(), slow_call_limit_s=5.0, failure_threshold=1)
+    assert breaker.clock is wall  # the record's times: wall clock
+
+    def fast_while_ntp_steps_the_clock() -> str:
+        wall.advance(60)
+        return "fast"
+
+    assert breaker.call(fast_while_ntp_steps_the_clock) == "fast"
+    assert breaker.state is BreakerState.CLOSED and breaker.snapshot()["slow_calls"] == 0
+
+
 def test_concurrent_failures_open_once_and_late_results_do_not_flap() -> None:
     """Eight real threads fail at once against a threshold of 5: one CLOSED->OPEN, all eight failures counted."""
     clock = ManualClock()

@@ -90,7 +90,7 @@ class Transition:
 
 @dataclass(frozen=True)
 class _Permit:
-    """A ticket for one admitted call: the generation it was admitted in and when it started."""
+    """A ticket for one admitted call: the generation it was admitted in and when it started (on the timer)."""
 
     generation: int
     started: float
@@ -202,7 +202,8 @@ class CircuitBreaker:
         listeners: Iterable[Listener] = (),
         storage: BreakerStorage | None = None,
     ) -> None:
-        """``clock`` defaults to ``time.monotonic``, or to ``time.time`` when the storage is shared."""
+        """``clock`` (the record's times) defaults to ``time.monotonic``, or to ``time.time`` when the storage is
+        shared; call durations use ``time.monotonic`` unless a ``clock`` is given."""
         if failure_threshold < 1 or half_open_max_calls < 1 or recovery_timeout_s <= 0:
             raise ConfigError("failure_threshold and half_open_max_calls must be >= 1, recovery_timeout_s > 0")
         self.name = name
@@ -214,6 +215,8 @@ class CircuitBreaker:
         self.ignored = ignored
         self.storage: BreakerStorage = storage or MemoryStorage()
         self.clock: Clock = clock or (time.time if self.storage.shared else time.monotonic)
+        # call durations: never the wall clock a shared record needs (an NTP step would make a fast call slow)
+        self.timer: Clock = clock or time.monotonic
         self._listeners: list[Listener] = list(listeners)
         self._pending_lock = threading.Lock()
         self._delivery_lock = threading.RLock()  # one delivery at a time: listeners hear transitions in order
@@ -332,16 +335,18 @@ class CircuitBreaker:
                 now = self.clock()
                 _STATES[rec.state].admit(self, rec, now)
                 rec.calls += 1
-                return _Permit(rec.generation, now)
+                generation = rec.generation
         finally:
             self._notify()
+        return _Permit(generation, self.timer())  # timed from here: the storage's lock wait is not the call's
 
     def _record_return(self, permit: _Permit) -> None:
         """A call returned: a success, or a failure when it was slower than the slow-call limit."""
+        elapsed = self.timer() - permit.started
         with self.storage.transaction() as rec:
             now = self.clock()
             limit = self.slow_call_limit_s
-            if limit is not None and now - permit.started > limit:
+            if limit is not None and elapsed > limit:
                 rec.slow_calls += 1
                 self._on_result(rec, permit, now, failed=True)
             else:
