@@ -199,6 +199,7 @@ class DriftDetector:
     """Sliding-window KL drift detector with smoothing, a minimum window and hysteresis (thread-safe)."""
 
     def __init__(self, baseline: DriftBaseline, settings: MonitoringSettings | None = None) -> None:
+        """Compare the predictions fed to it with ``baseline``, by the window and threshold of ``settings``."""
         self.baseline = baseline
         self.settings = settings or MonitoringSettings()
         self._index = {label: i for i, label in enumerate(baseline.labels)}

@@ -34,6 +34,7 @@ class PrometheusMetrics:
     """The monitor's Prometheus metrics in a private registry."""
 
     def __init__(self, latency_buckets_s: Sequence[float]) -> None:
+        """Register the metrics in a registry of their own; latency histogram buckets in seconds."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.latency = Histogram(

@@ -4,7 +4,7 @@ Public API (the serving layer wires these in)::
 
     from fintune.reliability import CircuitBreaker, RecoveryManager
 
-    breaker = CircuitBreaker.from_settings(settings.reliability, clock=time.monotonic)
+    breaker = CircuitBreaker.from_settings(settings.reliability)  # its storage picks the clock
     result = breaker.call(model.predict, texts)            # CircuitOpenError while OPEN
     result = await breaker.call_async(apredict, texts)     # asyncio
     breaker.add_listener(monitor.on_breaker_transition)    # told of every transition

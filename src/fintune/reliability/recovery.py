@@ -119,6 +119,8 @@ class RecoveryManager(Generic[M]):
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """Load models with ``loader`` (on first use, unless ``model`` is given) and run calls through ``breaker``,
+        tripping it when a reload fails; ``sleep`` and ``clock`` time the backoff (injected in tests)."""
         self.loader = loader
         self.settings = settings or RecoverySettings()
         self.breaker = breaker
