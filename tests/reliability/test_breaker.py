@@ -251,6 +251,44 @@ def test_a_shared_breaker_times_calls_on_a_monotonic_clock_not_the_wall_clock(mo
     assert breaker.state is BreakerState.CLOSED and breaker.snapshot()["slow_calls"] == 0
 
 
+def test_each_silent_trial_is_given_up_on_its_own_timeout_and_answers_already_in_are_kept() -> None:
+    clock = ManualClock()
+    breaker = make(clock, half_open_max_calls=2, recovery_timeout_s=10)
+    breaker.trip("test")
+    inside = {name: threading.Event() for name in "AB"}
+    release = {name: threading.Event() for name in "AB"}
+
+    def trial(name: str) -> str:
+        inside[name].set()
+        release[name].wait(10)
+        return name
+
+    def start(name: str) -> threading.Thread:
+        worker = threading.Thread(target=lambda: breaker.call(trial, name))
+        worker.start()
+        assert inside[name].wait(5)
+        return worker
+
+    clock.advance(10)
+    silent = start("A")  # admitted at t=10, then never heard of in time
+    clock.advance(5)
+    answering = start("B")  # admitted at t=15
+    clock.advance(1)
+    with pytest.raises(CircuitOpenError) as full:
+        breaker.call(lambda: "third")
+    assert full.value.retry_after_s == pytest.approx(4)  # until A (t=10) is given up, not "retry in 0 s"
+    release["B"].set()
+    answering.join(5)
+    clock.advance(5)  # t=21: A has been silent for 11 s
+    assert breaker.call(lambda: "C") == "C"  # takes A's slot; with B's success kept, two trials succeeded
+    assert breaker.state is BreakerState.CLOSED
+    release["A"].set()
+    silent.join(5)  # A's late answer counts, but decides nothing
+    snapshot = breaker.snapshot()
+    assert snapshot["state"] == "closed" and snapshot["successes"] == 3
+    assert snapshot["transitions"] == {"closed->open": 1, "open->half_open": 1, "half_open->closed": 1}
+
+
 def test_concurrent_failures_open_once_and_late_results_do_not_flap() -> None:
     """Eight real threads fail at once against a threshold of 5: one CLOSED->OPEN, all eight failures counted."""
     clock = ManualClock()

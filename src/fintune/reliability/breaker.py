@@ -90,9 +90,11 @@ class Transition:
 
 @dataclass(frozen=True)
 class _Permit:
-    """A ticket for one admitted call: the generation it was admitted in and when it started (on the timer)."""
+    """A ticket for one admitted call: the generation it was admitted in, when (on the record's clock: a HALF_OPEN
+    trial is known by it) and when it started (on the timer)."""
 
     generation: int
+    admitted_at: float
     started: float
 
 
@@ -138,14 +140,16 @@ class _HalfOpen(_StateBehaviour):
     """HALF_OPEN: admit a fixed number of trials; all succeed -> CLOSED, one fails -> OPEN."""
 
     def admit(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
-        """Admit while trial slots remain, or when the last trial is older than the recovery timeout; else reject."""
+        """Admit while trial slots remain, after giving up trials unanswered for the recovery timeout (their
+        slots go to the next calls; answers already in stay); else reject."""
+        lost = [t for t in rec.trial_starts if now - t > cb.recovery_timeout_s]
+        if lost:
+            rec.trial_starts = [t for t in rec.trial_starts if now - t <= cb.recovery_timeout_s]
+            rec.trials_admitted -= len(lost)  # their late results count in the counters only
         if rec.trials_admitted >= cb.half_open_max_calls:
-            if rec.trial_started_at is None or now - rec.trial_started_at <= cb.recovery_timeout_s:
-                cb._reject(rec, now)
-            rec.generation += 1  # the lost trials' results no longer decide anything
-            rec.trials_admitted = rec.trials_succeeded = 0
+            cb._reject(rec, now)
         rec.trials_admitted += 1
-        rec.trial_started_at = now
+        rec.trial_starts.append(now)
 
     def on_success(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Close once every trial has succeeded."""
@@ -301,7 +305,7 @@ class CircuitBreaker:
         self._notify()
 
     def retry_after_s(self) -> float:
-        """Seconds until an OPEN breaker admits a trial (0 when it is not OPEN)."""
+        """Seconds until the breaker admits a call (OPEN, or HALF_OPEN with every trial slot taken; else 0)."""
         with self.storage.transaction() as rec:
             return self._seconds_to_trial(rec, self.clock())
 
@@ -313,7 +317,7 @@ class CircuitBreaker:
             counters = asdict(rec)
             retry_after = self._seconds_to_trial(rec, now)
         self._notify()
-        for internal in ("generation", "opened_at", "trial_started_at"):
+        for internal in ("generation", "opened_at", "trial_starts"):
             counters.pop(internal)
         counters["state"] = counters["state"].value
         return {
@@ -338,7 +342,7 @@ class CircuitBreaker:
                 generation = rec.generation
         finally:
             self._notify()
-        return _Permit(generation, self.timer())  # timed from here: the storage's lock wait is not the call's
+        return _Permit(generation, now, self.timer())  # timed from here: the storage's lock wait is not the call's
 
     def _record_return(self, permit: _Permit) -> None:
         """A call returned: a success, or a failure when it was slower than the slow-call limit."""
@@ -362,8 +366,8 @@ class CircuitBreaker:
             elif isinstance(exc, Exception):
                 rec.ignored_errors += 1
                 self._on_result(rec, permit, now, failed=False)
-            elif permit.generation == rec.generation and rec.state is BreakerState.HALF_OPEN:
-                rec.trials_admitted -= 1
+            elif self._answered_trial(rec, permit):
+                rec.trials_admitted -= 1  # cancelled: its slot goes to the next call
         self._notify()
 
     def _on_result(self, rec: BreakerRecord, permit: _Permit, now: float, *, failed: bool) -> None:
@@ -374,11 +378,24 @@ class CircuitBreaker:
             rec.successes += 1
         if permit.generation != rec.generation:
             return
+        if rec.state is BreakerState.HALF_OPEN and not self._answered_trial(rec, permit):
+            return  # a trial given up for its silence: its slot already went to another call
         behaviour = _STATES[rec.state]
         if failed:
             behaviour.on_failure(self, rec, now)
         else:
             behaviour.on_success(self, rec, now)
+
+    @staticmethod
+    def _answered_trial(rec: BreakerRecord, permit: _Permit) -> bool:
+        """Take an answering HALF_OPEN trial of the current generation off the unanswered list; False when it is
+        not one (admitted in another generation, or given up)."""
+        if permit.generation != rec.generation or rec.state is not BreakerState.HALF_OPEN:
+            return False
+        if permit.admitted_at not in rec.trial_starts:
+            return False
+        rec.trial_starts.remove(permit.admitted_at)
+        return True
 
     def _transition(self, rec: BreakerRecord, new: BreakerState, reason: str, now: float) -> None:
         """The only place the state changes: check legality, reset per-state counters, queue the event."""
@@ -388,7 +405,7 @@ class CircuitBreaker:
         rec.state = new
         rec.generation += 1
         rec.trials_admitted = rec.trials_succeeded = 0
-        rec.trial_started_at = None
+        rec.trial_starts = []
         rec.opened_at = now if new is BreakerState.OPEN else None
         if new is BreakerState.CLOSED:
             rec.consecutive_failures = 0
@@ -403,8 +420,13 @@ class CircuitBreaker:
             self._transition(rec, BreakerState.HALF_OPEN, "recovery timeout elapsed", now)
 
     def _seconds_to_trial(self, rec: BreakerRecord, now: float) -> float:
-        """Seconds until an OPEN record admits a trial; 0 in any other state."""
-        return max(0.0, self._retry_after(rec, now)) if rec.state is BreakerState.OPEN else 0.0
+        """Seconds until the record admits a call: the OPEN timeout's rest, or in a full HALF_OPEN until its oldest
+        unanswered trial is given up; 0 otherwise."""
+        if rec.state is BreakerState.OPEN:
+            return max(0.0, self._retry_after(rec, now))
+        if rec.state is BreakerState.HALF_OPEN and rec.trials_admitted >= self.half_open_max_calls and rec.trial_starts:
+            return max(0.0, min(rec.trial_starts) + self.recovery_timeout_s - now)
+        return 0.0
 
     def _retry_after(self, rec: BreakerRecord, now: float) -> float:
         """Seconds left of the OPEN timeout (may be negative)."""

@@ -66,7 +66,7 @@ class BreakerRecord:
     opened_at: float | None = None
     trials_admitted: int = 0
     trials_succeeded: int = 0
-    trial_started_at: float | None = None
+    trial_starts: list[float] = field(default_factory=list)  # when each unanswered HALF_OPEN trial was admitted
     calls: int = 0
     successes: int = 0
     failures: int = 0
@@ -234,7 +234,7 @@ class RedisStorage:
     @staticmethod
     def _copy(record: BreakerRecord) -> BreakerRecord:
         """An independent copy of a record."""
-        return dataclasses.replace(record, transitions=dict(record.transitions))
+        return dataclasses.replace(record, transitions=dict(record.transitions), trial_starts=list(record.trial_starts))
 
     def _release(self, token: str) -> None:
         """Release the lock if it is ours; one that cannot be released now is left to expire."""
