@@ -159,7 +159,14 @@ def _read_local(folder: Path, subset: str, looked: list[str]) -> SourceFile | No
 def _read_zip(archive: bytes, subset: str, origin: str) -> SourceFile:
     """The subset's file from the bytes of the original release zip."""
     wanted = SUBSET_FILES[subset]
-    with zipfile.ZipFile(io.BytesIO(archive)) as bundle:
+    try:
+        bundle = zipfile.ZipFile(io.BytesIO(archive))
+    except zipfile.BadZipFile as exc:
+        raise DataFormatError(
+            f"{origin} is not a readable zip ({exc}); download it again, or point FINTUNE_DATA_DIR at a folder "
+            "holding the extracted Sentences_*Agree.txt"
+        ) from exc
+    with bundle:
         members = [name for name in bundle.namelist() if name.rsplit("/", 1)[-1] == wanted]
         if not members:
             raise DataFormatError(f"{origin} holds no {wanted}; is it the original FinancialPhraseBank-v1.0.zip?")
@@ -197,14 +204,15 @@ def _not_found(looked: list[str], settings: Settings, reason: str = "") -> DataN
 
 
 def decode(source: SourceFile) -> str:
-    """The file's text: a UTF-8 BOM means UTF-8; otherwise the subset's published encoding."""
-    content = source.content
-    if content.startswith(_UTF8_BOM):
-        return content[len(_UTF8_BOM) :].decode("utf-8")
+    """The file's text: UTF-8 whenever it is valid UTF-8 (BOM or not), else ISO-8859-1, whichever the subset was
+    published in. Valid UTF-8 with non-ASCII characters is next to never Latin-1, while reading a UTF-8 copy of a
+    Latin-1 subset as Latin-1 would garble every accented name without a word ("Seppälä" as "SeppÃ¤lÃ¤")."""
+    content = source.content.removeprefix(_UTF8_BOM)
     try:
-        return content.decode(SUBSET_ENCODINGS[source.subset])
+        return content.decode("utf-8")
     except UnicodeDecodeError:
-        logger.warning("%s is not valid %s; reading it as ISO-8859-1", source.origin, SUBSET_ENCODINGS[source.subset])
+        if SUBSET_ENCODINGS[source.subset] == "utf-8":
+            logger.warning("%s is not valid UTF-8; reading it as ISO-8859-1", source.origin)
         return content.decode("iso-8859-1")
 
 

@@ -27,6 +27,22 @@ def test_reads_latin1_and_utf8_files(tiny_data_dir: Path) -> None:
         assert any("Hämäläinen" in text for text in texts), subset
 
 
+def test_a_utf8_copy_of_a_latin1_subset_is_read_as_utf8(tmp_path: Path) -> None:
+    folder = tmp_path / "utf8"
+    folder.mkdir()  # 50agree is published in ISO-8859-1; this copy was re-saved as UTF-8, without a BOM
+    (folder / "Sentences_50Agree.txt").write_bytes("Seppälä of Hämäläinen Oy left .@neutral\n".encode())
+    [example] = load_examples(settings_for(folder), "50agree")
+    assert example.text == "Seppälä of Hämäläinen Oy left ."  # not "SeppÃ¤lÃ¤"
+
+
+def test_a_damaged_release_zip_is_a_data_error_saying_what_to_do(tmp_path: Path) -> None:
+    folder = tmp_path / "badzip"
+    folder.mkdir()
+    (folder / "FinancialPhraseBank-v1.0.zip").write_bytes(b"a truncated download")
+    with pytest.raises(DataFormatError, match=r"not a readable zip.*download it again"):
+        load_examples(settings_for(folder), "50agree")
+
+
 def test_tolerates_crlf_and_bom(tmp_path: Path) -> None:
     folder = tmp_path / "crlf"
     folder.mkdir()
