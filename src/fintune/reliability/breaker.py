@@ -142,10 +142,9 @@ class _HalfOpen(_StateBehaviour):
     def admit(self, cb: CircuitBreaker, rec: BreakerRecord, now: float) -> None:
         """Admit while trial slots remain, after giving up trials unanswered for the recovery timeout (their
         slots go to the next calls; answers already in stay); else reject."""
-        lost = [t for t in rec.trial_starts if now - t > cb.recovery_timeout_s]
-        if lost:
-            rec.trial_starts = [t for t in rec.trial_starts if now - t <= cb.recovery_timeout_s]
-            rec.trials_admitted -= len(lost)  # their late results count in the counters only
+        waiting = [t for t in rec.trial_starts if now - t <= cb.recovery_timeout_s]
+        rec.trials_admitted -= len(rec.trial_starts) - len(waiting)  # lost trials' late results: counters only
+        rec.trial_starts = waiting
         if rec.trials_admitted >= cb.half_open_max_calls:
             cb._reject(rec, now)
         rec.trials_admitted += 1

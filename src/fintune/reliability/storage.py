@@ -173,7 +173,7 @@ class RedisStorage:
             try:
                 yield record
             finally:
-                self._save_and_unlock(record, token, changed=record.to_json() != stored)
+                self._save_and_unlock(record, token, stored)
 
     def _lock_and_load(self, token: str) -> tuple[BreakerRecord, str | None] | None:
         """Take the lock and read the record (a fresh one the first time) with its stored JSON; None if Redis fails."""
@@ -213,14 +213,15 @@ class RedisStorage:
                 )
             time.sleep(_LOCK_POLL_S)
 
-    def _save_and_unlock(self, record: BreakerRecord, token: str, *, changed: bool) -> None:
-        """Write the record back if the block changed it and release the lock, in one round trip."""
+    def _save_and_unlock(self, record: BreakerRecord, token: str, stored: str | None) -> None:
+        """Write the record back unless it still reads as ``stored`` and release the lock, in one round trip."""
         import redis
 
         self._fallback = self._copy(record)  # remembered, in case Redis goes away
         pipe = self.client.pipeline(transaction=False)
-        if changed:
-            pipe.set(self.key, record.to_json())
+        serialized = record.to_json()
+        if serialized != stored:
+            pipe.set(self.key, serialized)
         pipe.eval(_RELEASE_IF_OURS, 1, self.lock_key, token)
         try:
             pipe.execute()

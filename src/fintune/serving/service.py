@@ -247,7 +247,6 @@ def _fit_sentences(pipeline: ClassificationPipeline, sentences: list[str], max_c
     """Each text to classify and whether it is a piece of a longer sentence: sentences over the per-text limit
     come in pieces cut outside the PII spans the guard finds in them (fails closed)."""
     long = [i for i, sentence in enumerate(sentences) if len(sentence) > max_chars]
-    spans: list[list[Any]] = []
     try:
         spans = pipeline.guard.detect_batch([sentences[i] for i in long]) if long else []
     except Exception as exc:  # fail closed, as the batch path does: no sentence is cut blind
