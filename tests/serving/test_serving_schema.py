@@ -45,3 +45,32 @@ def test_no_server_error_whatever_the_input(api_schema: Any) -> None:
         no_5xx()
     batching = api_schema.app.state.services.batcher.stats
     assert batching.items > 10  # the generated bodies did reach the model, not only the validation
+
+
+def test_schema_documents_auth_errors_and_unique_operations(api_schema: Any) -> None:
+    raw = api_schema.raw_schema
+    assert set(raw["components"]["securitySchemes"]) == {"ApiKey", "Bearer"}
+    api_key, bearer = raw["components"]["securitySchemes"]["ApiKey"], raw["components"]["securitySchemes"]["Bearer"]
+    assert (api_key["type"], api_key["in"], api_key["name"]) == ("apiKey", "header", "X-API-Key")
+    assert (bearer["type"], bearer["scheme"]) == ("http", "bearer")
+    operations = [(path, method, op) for path, item in raw["paths"].items() for method, op in item.items()]
+    ids = [op["operationId"] for _, _, op in operations]
+    assert len(ids) == len(set(ids)), f"duplicate operationIds: {sorted(i for i in ids if ids.count(i) > 1)}"
+    assert {("/healthz", "head"), ("/readyz", "head")} <= {(path, method) for path, method, _ in operations}
+    for path, method, op in operations:
+        secured = {name for requirement in op.get("security", []) for name in requirement}
+        assert secured == ({"ApiKey", "Bearer"} if path.startswith("/v1/") else set()), (path, method)
+        if path.startswith("/v1/"):
+            assert {"400", "401", "413", "415", "422", "503"} <= set(op["responses"]), (path, op["responses"])
+            assert "Retry-After" in op["responses"]["503"]["headers"]
+            assert "unsupported_media_type" in op["responses"]["415"]["description"]
+    snapshot = raw["paths"]["/metrics/json"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert snapshot == {"$ref": "#/components/schemas/MetricsSnapshot"}
+    undocumented = [
+        f"{name}.{field}"
+        for name, model in raw["components"]["schemas"].items()
+        if name not in {"HTTPValidationError", "ValidationError"}
+        for field, spec in model.get("properties", {}).items()
+        if "description" not in spec
+    ]
+    assert undocumented == []

@@ -7,7 +7,7 @@ in a batch gets its own ``error`` object instead of failing the request.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -39,7 +39,11 @@ class BatchRequest(_Body):
 class AnalyzeRequest(_Body):
     """A long document: an earnings-call transcript or a filing section."""
 
-    text: str = Field(description="The document; it is split into sentences, each classified.")
+    text: str = Field(
+        description="The document; it is split into sentences, each classified.",
+        examples=["Net sales rose 12 % to EUR 84.2 mn. Operating loss widened to EUR 3.1 mn. "
+                  "The company will publish its next report in April."],
+    )
 
 
 class ModelInfo(BaseModel):
@@ -53,6 +57,10 @@ class ModelInfo(BaseModel):
     )
 
 
+_REQUEST_ID = "The request's id (also in the X-Request-ID header)."
+_LATENCY = "Time the service spent on the request."
+
+
 class ErrorInfo(BaseModel):
     """What went wrong, for a whole request or one batch item."""
 
@@ -64,8 +72,8 @@ class ErrorInfo(BaseModel):
 class ErrorResponse(BaseModel):
     """The body of every 4xx/5xx answer."""
 
-    error: ErrorInfo
-    request_id: str = Field(description="The request's id (also in the X-Request-ID header).")
+    error: ErrorInfo = Field(description="The error: a stable code, what to do, when to retry.")
+    request_id: str = Field(description=_REQUEST_ID)
 
 
 class Classification(BaseModel):
@@ -76,14 +84,14 @@ class Classification(BaseModel):
     confidence: float = Field(ge=0, le=1, description="Probability of the predicted label.")
     guardrail: GuardrailResult = Field(description="PII masking and output checks (no raw PII, no offsets).")
     degraded: bool = Field(description="True when the TF-IDF baseline answered instead of the model.")
-    model: ModelInfo
+    model: ModelInfo = Field(description="The model that answered: name, profile and version.")
 
 
 class ClassifyResponse(Classification):
     """POST /v1/classify."""
 
     latency_ms: float = Field(description="Time the service spent on the request.")
-    request_id: str
+    request_id: str = Field(description=_REQUEST_ID)
 
 
 class BatchItem(BaseModel):
@@ -97,23 +105,23 @@ class BatchItem(BaseModel):
 class BatchResponse(BaseModel):
     """POST /v1/classify/batch: one entry per input, in input order."""
 
-    results: list[BatchItem]
+    results: list[BatchItem] = Field(description="One entry per text, in input order.")
     errors: int = Field(description="Entries that carry an error.")
     degraded: int = Field(description="Entries answered by the TF-IDF baseline.")
-    latency_ms: float
-    request_id: str
+    latency_ms: float = Field(description=_LATENCY)
+    request_id: str = Field(description=_REQUEST_ID)
 
 
 class SentenceResult(BaseModel):
     """One sentence of an analysed document (its text redacted)."""
 
-    index: int
+    index: int = Field(description="Position of the sentence (or piece) among the document's classified texts.")
     text: str = Field(description="The sentence with PII masked.")
-    label: Label
-    confidence: float
-    scores: dict[str, float]
-    degraded: bool
-    pii_types: list[str]
+    label: Label = Field(description="The predicted sentiment.")
+    confidence: float = Field(ge=0, le=1, description="Probability of the predicted label.")
+    scores: dict[str, float] = Field(description="Probability of each label.")
+    degraded: bool = Field(description="True when the TF-IDF baseline answered instead of the model.")
+    pii_types: list[str] = Field(description="PII types masked in this sentence, e.g. EMAIL_ADDRESS.")
     cut: bool = Field(
         False, description="True for each piece of a sentence over the per-text limit, classified piece by piece "
         "(cut at whitespace, never inside a PII value)."
@@ -132,24 +140,24 @@ class Aggregate(BaseModel):
     label: Label = Field(description="negative below -0.1, positive above 0.1, else neutral.")
     most_negative: SentenceResult | None = Field(description="The sentence with the highest P(negative).")
     most_positive: SentenceResult | None = Field(description="The sentence with the highest P(positive).")
-    degraded_sentences: int
+    degraded_sentences: int = Field(description="Sentences answered by the TF-IDF baseline.")
 
 
 class SentenceFailure(BaseModel):
     """A sentence of an analysed document that could not be classified (left out of the aggregate)."""
 
-    index: int
-    error: ErrorInfo
+    index: int = Field(description="Position of the sentence among the document's texts.")
+    error: ErrorInfo = Field(description="Why it could not be classified.")
 
 
 class AnalyzeResponse(BaseModel):
     """POST /v1/analyze (when no sentence could be classified, the request fails with the first reason)."""
 
-    aggregate: Aggregate
-    results: list[SentenceResult]
+    aggregate: Aggregate = Field(description="The document as a whole, over the sentences classified.")
+    results: list[SentenceResult] = Field(description="Each classified sentence (or piece), in document order.")
     failed: list[SentenceFailure] = Field(description="Sentences that could not be classified, and why.")
-    latency_ms: float
-    request_id: str
+    latency_ms: float = Field(description=_LATENCY)
+    request_id: str = Field(description=_REQUEST_ID)
 
 
 class HealthResponse(BaseModel):
@@ -159,4 +167,56 @@ class HealthResponse(BaseModel):
     model: str = Field(description="Model state: loading, ready or failed.")
     breaker: str = Field(description="Circuit breaker state: closed, open or half_open.")
     degraded_available: bool = Field(description="Whether the TF-IDF baseline can answer when the model cannot.")
-    request_id: str
+    request_id: str = Field(description=_REQUEST_ID)
+
+
+class MetricsSnapshot(BaseModel):
+    """GET /metrics/json: the monitor's snapshot (layout in the README, 'Exports') plus the serving state."""
+
+    model_config = ConfigDict(extra="allow")  # a key the monitor adds later is served, not dropped
+
+    requests: dict[str, Any] = Field(description="total, window (requests in the latency window), uptime_s.")
+    latency_s: dict[str, Any] = Field(description="p50, p95, p99 of request latency, in seconds.")
+    throughput_rps: float = Field(description="Requests per second over the recent window.")
+    errors: dict[str, Any] = Field(description="rate, total, by_type.")
+    predictions: dict[str, Any] = Field(description="counts and distribution per label.")
+    drift: dict[str, Any] = Field(description="state, kl, psi, js_distance, thresholds, distributions, episodes.")
+    health: dict[str, Any] = Field(description="score (0-100), components, weights, penalty.")
+    breaker_state: str | None = Field(description="closed, open or half_open (None before the first call).")
+    pii_detections: dict[str, int] = Field(description="PII entities masked, by type.")
+    fallbacks: dict[str, int] = Field(description="Requests answered by a fallback path, by reason.")
+    serving: dict[str, Any] = Field(
+        description="Model and breaker state, degraded mode, per-stage timings, queue depth, batching statistics "
+        "(empty while the service starts)."
+    )
+    request_id: str = Field(description=_REQUEST_ID)
+
+
+def _error_response(description: str, **headers: str) -> dict[str, Any]:
+    """An OpenAPI response entry: an ErrorResponse body, what its codes mean, and the headers it carries."""
+    entry: dict[str, Any] = {"model": ErrorResponse, "description": description}
+    if headers:
+        entry["headers"] = {name: {"description": text, "schema": {"type": "string"}} for name, text in headers.items()}
+    return entry
+
+
+_RETRY_AFTER = "Seconds after which a retry can succeed (whole seconds, at least 1), when one can."
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error_response("`invalid_json`: the body is not valid JSON; `invalid_body`: it is not UTF-8 or is "
+                         "nested too deeply."),
+    401: _error_response("`unauthorized`: the API key is missing or wrong (only when serving.api_key is set).",
+                         **{"WWW-Authenticate": "Bearer"}),
+    413: _error_response("`body_too_large`: the body is over serving.max_body_bytes."),
+    415: _error_response("`unsupported_media_type`: send the body with Content-Type: application/json."),
+    422: _error_response("`invalid_request`: a wrong type, a missing or unknown field; `invalid_input`: empty or "
+                         "whitespace text, a text over serving.max_text_chars, control characters, an empty or "
+                         "oversized batch."),
+    500: _error_response("`guardrail_failed`: the PII guard failed, so nothing reached the model; "
+                         "`internal_error`: anything else (the request id finds it in the logs)."),
+    502: _error_response("`invalid_label`: the model answered a label outside negative/neutral/positive."),
+    503: _error_response("`overloaded`: the queue is full; `model_unavailable`: the circuit breaker is open, the "
+                         "model failed or is loading, and no TF-IDF baseline stands in "
+                         "(serving.degraded_mode `fail`, or none trained).",
+                         **{"Retry-After": _RETRY_AFTER}),
+}

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Request
 
 from fintune.serving.dependencies import get_request_id, get_services, require_api_key
 from fintune.serving.disconnect import unless_disconnected
-from fintune.serving.routers.classify import ERRORS
-from fintune.serving.schemas import AnalyzeRequest, AnalyzeResponse
+from fintune.serving.schemas import ERROR_RESPONSES, AnalyzeRequest, AnalyzeResponse
 from fintune.serving.service import Services
 
-router = APIRouter(prefix="/v1", tags=["analyze"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["analyze"], dependencies=[Depends(require_api_key)],
+                   responses=ERROR_RESPONSES)
 
 
 @router.post("/analyze", response_model=AnalyzeResponse, summary="Analyse a document")

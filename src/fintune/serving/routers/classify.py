@@ -8,11 +8,17 @@ from fastapi import APIRouter, Depends, Request
 
 from fintune.serving.dependencies import get_request_id, get_services, require_api_key
 from fintune.serving.disconnect import unless_disconnected
-from fintune.serving.schemas import BatchRequest, BatchResponse, ClassifyRequest, ClassifyResponse, ErrorResponse
+from fintune.serving.schemas import (
+    ERROR_RESPONSES,
+    BatchRequest,
+    BatchResponse,
+    ClassifyRequest,
+    ClassifyResponse,
+)
 from fintune.serving.service import Services
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503)}
-router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key)],
+                   responses=ERROR_RESPONSES)
 
 
 @router.post("/classify", response_model=ClassifyResponse, summary="Classify one text")

@@ -13,6 +13,9 @@ from fintune.serving.schemas import HealthResponse
 from fintune.serving.service import Services
 
 router = APIRouter(tags=["health"])
+_NOT_READY = {
+    503: {"model": HealthResponse, "description": "not_ready: the model is not loaded, or the breaker is open."}
+}
 
 
 def _body(services: Services, status: str, request_id: str) -> dict:
@@ -27,7 +30,10 @@ def _body(services: Services, status: str, request_id: str) -> dict:
     }
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], response_model=HealthResponse, summary="Liveness")
+# One route per method (GET and HEAD), not one route with both: the two operations then get distinct OpenAPI
+# operationIds (healthz_healthz_get, healthz_healthz_head) instead of one id twice.
+@router.get("/healthz", response_model=HealthResponse, summary="Liveness")
+@router.head("/healthz", response_model=HealthResponse, summary="Liveness")
 async def healthz(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> dict:
@@ -35,8 +41,8 @@ async def healthz(
     return _body(services, "ok", request_id)
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], response_model=HealthResponse,
-                  responses={503: {"model": HealthResponse}}, summary="Readiness")
+@router.get("/readyz", response_model=HealthResponse, responses=_NOT_READY, summary="Readiness")
+@router.head("/readyz", response_model=HealthResponse, responses=_NOT_READY, summary="Readiness")
 async def readyz(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> JSONResponse:

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fintune.serving.dependencies import get_request_id, get_services
+from fintune.serving.schemas import MetricsSnapshot
 from fintune.serving.service import Services
 
 router = APIRouter(tags=["metrics"])
@@ -20,7 +21,7 @@ async def metrics(services: Annotated[Services, Depends(get_services)]) -> Respo
     return Response(generate_latest(services.current_monitor().prometheus_registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/metrics/json", summary="Monitor snapshot (JSON)")
+@router.get("/metrics/json", response_model=MetricsSnapshot, summary="Monitor snapshot (JSON)")
 async def metrics_json(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> dict[str, Any]:
