@@ -60,10 +60,19 @@ def test_encoder_runs_without_bitsandbytes_peft_or_trl(tiny_data_dir: Path, tmp_
     assert result["steps"] == 3 and result["distilled"] == "cpu"  # a teacher's probabilities need no QLoRA stack
     assert set(result["labels"]) <= {"negative", "neutral", "positive"} and len(result["labels"]) == 2
     assert (tmp_path / "encoder" / "fintune.json").is_file()
+    assert (tmp_path / "encoder" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result["dtypes"] == ["torch.float32", "torch.bfloat16"]
     assert result["bf16_gap"] < 0.05  # the bf16 fast path scores like the fp32 model it was trained as
     fitted, applied = result["temperatures"]
     assert fitted == applied and fitted != 1.0  # fitted on validation after training, applied when loaded
+
+
+def test_the_loss_curve_averages_windows_of_steps_and_keeps_a_short_tail() -> None:
+    from fintune.model.encoder import loss_history
+
+    history = loss_history([1.0, 3.0, 2.0, 4.0, 5.0], window=2)
+    assert history == [{"step": 2, "loss": 2.0}, {"step": 4, "loss": 3.0}, {"step": 5, "loss": 5.0}]
+    assert loss_history([]) == []
 
 
 def test_the_encoder_path_loads_none_of_the_qlora_stack_even_where_it_is_installed() -> None:

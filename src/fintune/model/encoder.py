@@ -34,10 +34,14 @@ from fintune.model.buckets import length_buckets
 from fintune.model.calibration import card_temperature, validation_probabilities
 from fintune.model.card import CARD_FILE, read_card
 from fintune.model.distillation import TeacherTargets, teacher_folder, teacher_targets
+from fintune.model.plots import plot_loss_curve
 from fintune.model.precision import resolve_dtype
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
+
+LOSS_WINDOW = 10
+"""Steps averaged into one point of the encoder's loss curve (one batch's loss alone is noisy)."""
 
 
 def encoder_source(encoder: EncoderSettings) -> str:
@@ -166,6 +170,8 @@ def train_encoder(
     train_seconds = time.perf_counter() - started
     output_dir.mkdir(parents=True, exist_ok=True)
     classifier.save(output_dir)
+    plot_loss_curve(loss_history(losses), output_dir / "loss_curve.png", title=f"{settings.profile}: training loss",
+                    ylabel="training loss (mean over steps)")
     validation, calibration = validation_scores(classifier, splits, settings)
     source = encoder_source(encoder)
     card = {
@@ -245,6 +251,14 @@ def _fit(
                     break
     model.eval()
     return losses
+
+
+def loss_history(losses: Sequence[float], window: int = LOSS_WINDOW) -> list[dict[str, float]]:
+    """Step losses as a Trainer logs them: the mean of every ``window`` steps, at the window's last step."""
+    return [
+        {"step": min(start + window, len(losses)), "loss": float(np.mean(losses[start:start + window]))}
+        for start in range(0, len(losses), window)
+    ]
 
 
 def mixed_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, weight: float) -> torch.Tensor:
