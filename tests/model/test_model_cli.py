@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,12 +37,18 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert (model_dir / "fintune.json").read_text() == card_before
     assert main([*args[:-1], "1", "--overwrite"]) == 0
     replaced = json.loads((model_dir / "fintune.json").read_text())
-    assert (replaced["global_steps"], replaced["resumed"]) == (1, False)
+    assert (replaced["global_steps"], replaced["resumed"], replaced["max_steps"]) == (1, False, 1)
+    assert main([*args, "--skip-if-trained"]) != 0  # a 1-step trial is not the profile's 2-step training
+    assert "trial run of --max-steps 1" in capsys.readouterr().err
 
-    fitted = json.loads((model_dir / "fintune.json").read_text())["calibration"]["temperature"]
+    card = json.loads((model_dir / "fintune.json").read_text())
+    fitted = card["calibration"]["temperature"]
+    assert fitted != 1.0
+    card["calibration"]["temperature"] = 1.0  # as if never calibrated: calibrate must find the fit again
+    (model_dir / "fintune.json").write_text(json.dumps(card))
     assert main(["calibrate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 0
     refitted = json.loads((model_dir / "fintune.json").read_text())["calibration"]
-    assert refitted["temperature"] == pytest.approx(fitted, rel=0.01)  # a calibrated model stays as it is
+    assert refitted["temperature"] == pytest.approx(fitted, rel=0.01)
     assert refitted["sentences"] == 5  # on the sentences training calibrated on (training.validation_limit)
     readme = (model_dir / "README.md").read_text()  # follows the card
     assert f"temperature {refitted['temperature']:.3f}, validation ECE {refitted['ece_before']} -> " in readme
@@ -69,15 +76,43 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert comparison["verdict"].split(":")[0] in {"yes", "no", "not proven"}
 
 
-def test_lora_report_prints_the_exact_mistral_count(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_lora_report_prints_the_exact_mistral_count(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     saved = tmp_path / "report.json"
-    assert main(["lora-report", "--profile", "mistral-7b", "--output", str(saved)]) == 0
+    args = ["lora-report", "--profile", "mistral-7b", "--output", str(saved)]
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/fintune", *args])  # the provenance is the command as typed
+    assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["trainable_params"] == 13_631_488
     assert {"total_params", "target_modules", "bf16_bytes", "nf4_bytes"} <= set(report)
     written = json.loads(saved.read_text())
-    assert written["provenance"]["command"].endswith(f"--output {saved}")
+    assert written["provenance"]["command"] == "fintune " + " ".join(args)
     assert {k: v for k, v in written.items() if k != "provenance"} == report
+
+
+def test_lora_report_names_the_layers_when_a_target_matches_none(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FINTUNE_MODEL__LORA__TARGET_MODULES", '["c_attn"]')
+    assert main(["lora-report", "--profile", "mistral-7b"]) == 2
+    error = capsys.readouterr().err
+    assert "['c_attn'] name no layer of MistralForCausalLM" in error and "'q_proj'" in error
+    assert "Traceback" not in error
+    monkeypatch.delenv("FINTUNE_MODEL__LORA__TARGET_MODULES")
+    assert main(["lora-report", "--profile", "encoder"]) == 2
+    assert "sizes the adapter of a QLoRA profile" in capsys.readouterr().err
+
+
+def test_another_subset_trains_beside_the_default_model_and_evaluates_with_its_own_profile(
+    tiny_env: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["train", "--profile", "tiny-mistral", "--subset", "allagree", "--max-steps", "1"]) == 0
+    folder = tiny_env / "models" / "tiny-mistral-allagree"  # not tiny-mistral/, the profile's served model
+    assert json.loads((folder / "fintune.json").read_text())["data"]["subset"] == "allagree"
+    assert not (tiny_env / "models" / "tiny-mistral").exists()
+    assert main(["evaluate", "--model", str(folder)]) == 0  # no --profile: the card's, not the default cpu
+    metrics = json.loads((folder / "eval" / "allagree" / "metrics.json").read_text())
+    assert metrics["weights_dtype"] == "bfloat16"  # tiny-mistral's pinned dtype; cpu's auto gives fp32 here
 
 
 def test_evaluate_a_folder_without_a_model_is_one_error_line(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:

@@ -49,6 +49,8 @@ def test_the_configured_teacher_lives_under_the_output_folder(tmp_path: Path) ->
     settings = load_settings("encoder", output_dir=tmp_path)
     assert settings.model.encoder.distill_from == "cpu"
     assert teacher_folder(settings) == tmp_path / "models" / "cpu"
+    assert teacher_folder(settings, "50agree") == tmp_path / "models" / "cpu"  # the profile's own subset
+    assert teacher_folder(settings, "allagree") == tmp_path / "models" / "cpu-allagree"  # as `fintune train` names it
     labels_only = settings.model.encoder.model_copy(update={"distill_from": None})
     assert teacher_folder(settings.model_copy(update={"model": settings.model.model_copy(
         update={"encoder": labels_only})})) is None

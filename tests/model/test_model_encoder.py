@@ -29,7 +29,9 @@ from fintune.model.encoder import EncoderClassifier, train_encoder
 settings = load_settings("encoder", data_dir=Path(sys.argv[1]), output_dir=Path(sys.argv[2]))
 splits = load_splits(settings)
 teacher = TeacherTargets(Path("teacher"), {"profile": "cpu"}, np.full((len(splits.train), 3), 1 / 3))
-_, card = train_encoder(settings, Path(sys.argv[2]) / "encoder", max_steps=3, splits=splits, teacher=teacher)
+epoch_steps = -(-len(splits.train) // settings.model.encoder.batch_size) * settings.model.encoder.epochs
+_, card = train_encoder(settings, Path(sys.argv[2]) / "encoder", max_steps=epoch_steps + 1, splits=splits,
+                        teacher=teacher)
 reloaded = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", settings)
 labels = reloaded.predict_labels(["Net sales increased by 5 % .", "Operating profit fell ."])
 def with_dtype(name):
@@ -41,7 +43,8 @@ exact = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", fp32)
 fast = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", bf16)
 gap = float(abs(exact.predict_proba(texts) - fast.predict_proba(texts)).max())
 loaded = [m for m in ("bitsandbytes", "peft", "trl") if sys.modules.get(m) is not None]
-print(json.dumps({"labels": labels, "steps": card["global_steps"], "heavy": loaded, "bf16_gap": gap,
+print(json.dumps({"labels": labels, "steps": card["global_steps"], "epoch_steps": epoch_steps, "heavy": loaded,
+                  "bf16_gap": gap,
                   "distilled": card["distillation"]["teacher_profile"],
                   "dtypes": [str(exact.model.dtype), str(fast.model.dtype)],
                   "temperatures": [card["calibration"]["temperature"], reloaded.temperature]}))
@@ -57,7 +60,8 @@ def test_encoder_runs_without_bitsandbytes_peft_or_trl(tiny_data_dir: Path, tmp_
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
-    assert result["steps"] == 3 and result["distilled"] == "cpu"  # a teacher's probabilities need no QLoRA stack
+    assert result["steps"] == result["epoch_steps"] + 1  # --max-steps is exact, past the profile's epochs too
+    assert result["distilled"] == "cpu"  # a teacher's probabilities need no QLoRA stack
     assert set(result["labels"]) <= {"negative", "neutral", "positive"} and len(result["labels"]) == 2
     assert (tmp_path / "encoder" / "fintune.json").is_file()
     assert (tmp_path / "encoder" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -67,22 +67,29 @@ def test_predictions_are_always_one_of_the_labels_and_padding_does_not_change_sc
     np.testing.assert_allclose(together[0], alone[0], atol=1e-3)
 
 
-def test_resumes_from_its_last_checkpoint(tiny_settings: Settings) -> None:
+def test_resumes_from_its_last_checkpoint(tiny_settings: Settings, tmp_path: Path) -> None:
     splits = load_splits(tiny_settings)
-    out = train(tiny_settings, max_steps=1, splits=splits).output_dir
+    finished = train(tiny_settings, max_steps=2, splits=splits)
+    out = tmp_path / "killed"  # killed after its first checkpoint
+    shutil.copytree(finished.output_dir / "checkpoints", out / "checkpoints",
+                    ignore=shutil.ignore_patterns("checkpoint-2"))
     resumed = train(tiny_settings, output_dir=out, max_steps=2, splits=splits)
     assert resumed.card["resumed"] is True
     assert resumed.card["global_steps"] == 2
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     logged = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(logged) == 2 and resumed.card["train_loss"] == round(sum(logged) / 2, 4)  # both calls' steps
+    rates = [entry["learning_rate"] for entry in state["log_history"] if "learning_rate" in entry]
+    assert rates[-1] > 0  # the second step follows the 2-step schedule it started with
 
+    with pytest.raises(ArtifactError, match="--max-steps"):  # a 3-step schedule differs from step 1 on
+        train(tiny_settings, output_dir=out, max_steps=3, splits=splits)
     other_lora = tiny_settings.model.lora.model_copy(update={"r": 4})  # checkpoints of r=16 cannot carry on as r=4
     other = tiny_settings.model_copy(update={"model": tiny_settings.model.model_copy(update={"lora": other_lora})})
     with pytest.raises(ArtifactError, match="checkpoints of another run.*--overwrite"):
-        train(other, output_dir=out, max_steps=3, splits=splits)
+        train(other, output_dir=out, max_steps=2, splits=splits)
     with pytest.raises(ArtifactError, match="checkpoints of another run"):
-        train(tiny_settings, output_dir=out, max_steps=3, splits=load_splits(tiny_settings, "allagree"))
+        train(tiny_settings, output_dir=out, max_steps=2, splits=load_splits(tiny_settings, "allagree"))
 
 
 @pytest.mark.parametrize("plan", [{"max_steps": 2}, {"max_steps": -1, "epochs": 0.25}], ids=["steps", "epochs"])

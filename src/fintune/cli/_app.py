@@ -28,3 +28,12 @@ ProfileOption = Annotated[
     ),
 ]
 """The ``--profile`` option every command that reads settings takes."""
+
+ModelProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile", "-p", help="Profile whose settings load and score the model: a name in configs/ or a .yaml path "
+        "(default: the profile the model was trained with, named in its fintune.json).",
+    ),
+]
+"""The ``--profile`` option of commands that work on a trained model folder."""

@@ -12,11 +12,19 @@ from typing import Annotated
 
 import typer
 
-from fintune.cli._app import ProfileOption, app, console
+from fintune.cli._app import ModelProfileOption, ProfileOption, app, console
 from fintune.config import load_settings
 from fintune.data import check_subset, load_splits
 from fintune.errors import ArtifactError
-from fintune.model.card import CHECKPOINT_DIR, finished_card, forget_training, is_trained, read_card
+from fintune.model.card import (
+    CHECKPOINT_DIR,
+    default_model_dir,
+    finished_card,
+    forget_training,
+    is_trained,
+    mismatch,
+    read_card,
+)
 from fintune.provenance import command_line
 
 
@@ -24,9 +32,15 @@ from fintune.provenance import command_line
 def train_command(
     profile: ProfileOption = None,
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", "-o", help="Model folder (default: outputs/models/<profile>/).")
+        Path | None,
+        typer.Option("--output-dir", "-o", help="Model folder (default: outputs/models/<profile>/, named "
+                     "<profile>-<subset> for another --subset than the profile's)."),
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after this many optimizer steps.")] = None,
+    max_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Train exactly this many optimizer steps instead of the profile's epochs (a trial: "
+                     "--skip-if-trained does not count it as trained)."),
+    ] = None,
     subset: Annotated[str | None, typer.Option(help="Agreement level to train on (default: the profile's).")] = None,
     skip_if_trained: Annotated[
         bool,
@@ -43,7 +57,8 @@ def train_command(
     teacher: Annotated[
         Path | None,
         typer.Option(help="Encoder only: distil from the model in this folder, trained on the same data (default: "
-                     "the profile's model.encoder.distill_from, <output_dir>/models/<that profile>)."),
+                     "the folder `fintune train` gives the profile's model.encoder.distill_from on "
+                     "this subset)."),
     ] = None,
 ) -> None:
     """Fine-tune the profile's model (QLoRA, or the encoder fallback) and save it with its model card.
@@ -56,11 +71,12 @@ def train_command(
         raise typer.BadParameter(f"only the encoder backend learns from a teacher, not {settings.profile}'s "
                                  f"{settings.model.backend}", param_hint="--teacher")
     splits = load_splits(settings, check_subset(subset) if subset else None)
-    target = output_dir or settings.output_dir / "models" / settings.profile
+    target = output_dir or default_model_dir(settings, splits.subset)
     if skip_if_trained and is_trained(target, settings.profile, splits.fingerprint):
         console.print(f"{target} already holds {settings.profile} trained on {splits.fingerprint[:16]}: skipped")
         return
-    _clear_finished(target, overwrite)
+    wanted = (settings.profile, splits.fingerprint) if skip_if_trained else None
+    _clear_finished(target, overwrite, kept_only_if_same=wanted)
     console.print(f"training {settings.profile} ({settings.model.backend}) on {splits.subset}: "
                   f"{len(splits.train)} sentences, fingerprint {splits.fingerprint[:16]}")
     if settings.model.backend == "encoder":
@@ -82,15 +98,24 @@ def train_command(
     )
 
 
-def _clear_finished(target: Path, overwrite: bool) -> None:
+def _clear_finished(target: Path, overwrite: bool, kept_only_if_same: tuple[str, str] | None) -> None:
     """Refuse to train over a finished model unless told to overwrite it; with --overwrite forget the folder's
-    card and checkpoints (an interrupted run's too), so training starts from scratch."""
+    card and checkpoints (an interrupted run's too), so training starts from scratch.
+
+    ``kept_only_if_same``: the (profile, fingerprint) --skip-if-trained asked for, which the folder does not hold.
+    """
     card = finished_card(target)
     if card is not None and not overwrite:
         trained = card.get("provenance", {}).get("date", "an earlier run")
+        held = f"{target} already holds a finished {card.get('profile')} model (trained {trained})"
+        if kept_only_if_same is not None:
+            raise ArtifactError(
+                f"{held}, not the one --skip-if-trained keeps ({mismatch(card, *kept_only_if_same)}): pass "
+                "--overwrite to replace it, or choose another --output-dir"
+            )
         raise ArtifactError(
-            f"{target} already holds a finished {card.get('profile')} model (trained {trained}); pass --overwrite "
-            "to train it again from scratch, --skip-if-trained to keep it, or choose another --output-dir"
+            f"{held}; pass --overwrite to train it again from scratch, --skip-if-trained to keep it, or choose "
+            "another --output-dir"
         )
     if overwrite and (card is not None or (target / CHECKPOINT_DIR).exists()):
         console.print(f"{target}: starting afresh (--overwrite)")
@@ -100,7 +125,7 @@ def _clear_finished(target: Path, overwrite: bool) -> None:
 @app.command("calibrate")
 def calibrate_command(
     model: Annotated[Path, typer.Option("--model", "-m", help="A folder written by `fintune train`.")],
-    profile: ProfileOption = None,
+    profile: ModelProfileOption = None,
 ) -> None:
     """Fit the model's confidence temperature on the validation split it was trained with; update its card.
 
@@ -111,8 +136,8 @@ def calibrate_command(
     from fintune.model.calibration import calibrate
     from fintune.model.card import CARD_FILE
 
-    settings = load_settings(profile)
     card = read_card(model)
+    settings = load_settings(profile or card.get("profile"))
     splits = load_splits(settings, card.get("data", {}).get("subset"))
     trained_on = card.get("data", {}).get("fingerprint", "")
     if splits.fingerprint != trained_on:
@@ -122,8 +147,9 @@ def calibrate_command(
         )
     classifier = load_classifier(model, settings)
     qlora = card.get("backend", "qlora") == "qlora"
-    # the sentences `fintune train` calibrates on: the QLoRA trainer honours training.validation_limit
-    examples = splits.validation_head(settings.model.training.validation_limit if qlora else None)
+    # the sentences `fintune train` calibrated on: the QLoRA trainer honours the validation_limit it trained with
+    trained_limit = card.get("model_settings", {}).get("training", {}).get("validation_limit")
+    examples = splits.validation_head(trained_limit if qlora else None)
     source = f"validation of {splits.subset} ({len(examples)} sentences)"
     _, record = calibrate(classifier, examples, settings.model.inference.calibration_bins, source)
     updated = {**card, "calibration": {**record, "command": command_line()}}
@@ -154,8 +180,7 @@ def lora_report_command(
     report = lora_report(settings)
     typer.echo(json.dumps(report, indent=2))
     if output is not None:
-        command = f"fintune lora-report --profile {settings.profile} --output {output}"
-        write_json(output, {"provenance": provenance(command), **report})
+        write_json(output, {"provenance": provenance(command_line()), **report})
 
 
 @app.command("evaluate")
@@ -168,13 +193,14 @@ def evaluate_command(
     output_dir: Annotated[
         Path | None, typer.Option("--output-dir", "-o", help="Where to write (default: <model>/eval/<subset>/).")
     ] = None,
-    profile: ProfileOption = None,
+    profile: ModelProfileOption = None,
 ) -> None:
     """Score a trained model on a test split; write metrics.json and comparison.json against the baselines."""
     from fintune.model.assessment import evaluate
 
-    settings = load_settings(profile)
-    name = check_subset(subset or read_card(model).get("data", {}).get("subset") or settings.data.subset)
+    card = read_card(model)
+    settings = load_settings(profile or card.get("profile"))
+    name = check_subset(subset or card.get("data", {}).get("subset") or settings.data.subset)
     target = output_dir or model / "eval" / name
     result = evaluate(model, settings, name, target, command=command_line())
     metrics, comparison = result["metrics"], result["comparison"]

@@ -223,6 +223,15 @@ def verdict(name: str, best: dict[str, Any], level: float) -> str:
             "the extra cost is not yet justified.")
 
 
+def scoring_settings(settings: Settings, card: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decided how the model was scored (the command line does not show FINTUNE_* overrides):
+    the profile and its ``inference`` section, and the ``encoder`` section for an encoder."""
+    scored = {"profile": settings.profile, "inference": settings.model.inference.model_dump(mode="json")}
+    if card.get("backend") == "encoder":
+        scored["encoder"] = settings.model.encoder.model_dump(mode="json")
+    return scored
+
+
 def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, command: str) -> dict[str, Any]:
     """Write ``metrics.json`` (+ report and confusion files) and ``comparison.json`` into ``out_dir``."""
     card = read_card(model_dir)
@@ -241,6 +250,7 @@ def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, co
                   "trained_fingerprint": card.get("data", {}).get("fingerprint"),
                   "temperature": card_temperature(card)},
         "data": {**splits.describe(), "evaluated_sentences": len(examples), "left_out_seen_in_training": left_out},
+        "scored_with": scoring_settings(settings, card),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_classification_artifacts(metrics, out_dir, "model")

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from fintune.config import Settings
 from fintune.errors import ArtifactError
 
 CARD_FILE = "fintune.json"
@@ -47,12 +48,35 @@ def version_of(card: dict[str, Any]) -> str:
     return f"trained-{date}-{digest}"
 
 
+def default_model_dir(settings: Settings, subset: str | None = None, profile: str | None = None) -> Path:
+    """Where a profile's model trained on ``subset`` lives unless told otherwise: ``<output_dir>/models/<profile>``,
+    or ``<profile>-<subset>`` for another subset than the profile's, so it never replaces the one served."""
+    name = profile or settings.profile
+    if subset and subset != settings.data.subset:
+        name = f"{name}-{subset}"
+    return settings.output_dir / "models" / name
+
+
 def is_trained(model_dir: Path, profile: str, fingerprint: str) -> bool:
-    """Whether ``model_dir`` holds a finished model of this profile trained on data with this fingerprint."""
+    """Whether ``model_dir`` holds a finished model of this profile trained on data with this fingerprint for as
+    long as the profile plans (a shorter ``--max-steps`` trial is not it)."""
     card = finished_card(model_dir)
-    return card is not None and card.get("profile") == profile and (
-        card.get("data", {}).get("fingerprint") == fingerprint
-    )
+    return card is not None and mismatch(card, profile, fingerprint) is None
+
+
+def mismatch(card: dict[str, Any], profile: str, fingerprint: str) -> str | None:
+    """Why a finished model's card is not this profile trained as planned on this data, or None when it is."""
+    if card.get("profile") != profile:
+        return f"it is {card.get('profile')}, not {profile}"
+    trained_on = str(card.get("data", {}).get("fingerprint", ""))
+    if trained_on != fingerprint:
+        return (f"it trained on {card.get('data', {}).get('subset')} data {trained_on[:16]}, not on "
+                f"{fingerprint[:16]}")
+    section = "encoder" if card.get("backend") == "encoder" else "training"
+    planned = card.get("model_settings", {}).get(section, {}).get("max_steps")
+    if card.get("max_steps") not in (None, planned):
+        return f"it is a trial run of --max-steps {card['max_steps']}, not the profile's whole training"
+    return None
 
 
 def finished_card(model_dir: Path) -> dict[str, Any] | None:

@@ -24,7 +24,7 @@ from fintune.config import Settings, load_settings
 from fintune.data import DataSplits
 from fintune.errors import ArtifactError
 from fintune.model.assessment import load_classifier
-from fintune.model.card import finished_card, version_of
+from fintune.model.card import default_model_dir, finished_card, version_of
 
 SCORING_CHUNK = 256  # sentences per progress-bar step
 
@@ -51,10 +51,11 @@ class TeacherTargets:
         }
 
 
-def teacher_folder(settings: Settings) -> Path | None:
-    """Where the configured teacher lives (``<output_dir>/models/<distill_from>``), or None for labels only."""
+def teacher_folder(settings: Settings, subset: str | None = None) -> Path | None:
+    """Where the configured teacher trained on ``subset`` lives by default (``<output_dir>/models/<distill_from>``,
+    ``-<subset>`` for another subset than the profile's, as `fintune train` names it), or None for labels only."""
     profile = settings.model.encoder.distill_from
-    return settings.output_dir / "models" / profile if profile else None
+    return default_model_dir(settings, subset, profile) if profile else None
 
 
 def teacher_targets(folder: Path, splits: DataSplits, settings: Settings) -> TeacherTargets:
@@ -72,8 +73,10 @@ def teacher_targets(folder: Path, splits: DataSplits, settings: Settings) -> Tea
     if trained_on != splits.fingerprint:
         # a teacher that trained on another subset may have seen this split's test sentences and would leak them
         raise ArtifactError(
-            f"the teacher in {folder} was trained on data {str(trained_on)[:16]}, the encoder trains on "
-            f"{splits.subset} ({splits.fingerprint[:16]}): train the teacher on {splits.subset} first"
+            f"the teacher in {folder} was trained on data {str(trained_on)[:16]} "
+            f"({card.get('data', {}).get('subset', 'subset unknown')}), the encoder trains on {splits.subset} "
+            f"({splits.fingerprint[:16]}): train a teacher on {splits.subset} (`fintune train --profile "
+            f"{card.get('profile')} --subset {splits.subset} --output-dir DIR`) and pass `--teacher DIR`"
         )
     own_model = load_settings(card.get("profile")).model
     started = time.perf_counter()

@@ -151,7 +151,7 @@ def train_encoder(
     ``teacher``: probabilities to distil (default: those of the ``distill_from`` teacher when one is configured)."""
     encoder = settings.model.encoder
     splits = splits or load_splits(settings, settings.data.subset)
-    folder = teacher_folder(settings)
+    folder = teacher_folder(settings, splits.subset)
     if teacher is None and folder is not None:
         teacher = teacher_targets(folder, splits, settings)
     if teacher is not None and teacher.probabilities.shape != (len(splits.train), len(LABELS)):
@@ -164,7 +164,7 @@ def train_encoder(
     classifier = EncoderClassifier.from_base(encoder)
     steps_per_epoch = math.ceil(len(splits.train) / encoder.batch_size)
     limit = max_steps if max_steps is not None and max_steps > 0 else encoder.max_steps
-    total = min(limit, steps_per_epoch * encoder.epochs) if limit > 0 else steps_per_epoch * encoder.epochs
+    total = limit if limit > 0 else steps_per_epoch * encoder.epochs  # as the QLoRA trainer: exactly max_steps
     soft = None if teacher is None else torch.as_tensor(teacher.probabilities, dtype=torch.float32)
     losses = _fit(classifier, splits.train, total, settings.seed, soft)
     train_seconds = time.perf_counter() - started
@@ -184,6 +184,7 @@ def train_encoder(
         "data": splits.describe(),
         "trainable_params": sum(p.numel() for p in classifier.model.parameters() if p.requires_grad),
         "distillation": None if teacher is None else {**teacher.describe(), "weight": encoder.distill_weight},
+        "max_steps": max_steps,  # --max-steps, None when the profile decided where training ends
         "global_steps": total,
         "train_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
         "train_seconds": round(train_seconds, 1),

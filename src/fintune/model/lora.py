@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from fintune.config import LoraSettings, Settings
+from fintune.errors import ConfigError
 from fintune.model.loading import architecture_config
 from fintune.model.quantization import analytic_memory
 
@@ -37,6 +38,18 @@ def lora_config(lora: LoraSettings) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def check_targets(model: nn.Module, lora: LoraSettings) -> None:
+    """Raise :class:`ConfigError` naming the model's linear layers when a LoRA target matches no layer of it."""
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [target for target in lora.target_modules if target not in names]
+    if missing:
+        linear = sorted({name.split(".")[-1] for name, layer in model.named_modules() if isinstance(layer, nn.Linear)})
+        raise ConfigError(
+            f"model.lora.target_modules {missing} name no layer of {type(model).__name__}; its linear layers are "
+            f"{linear} (set FINTUNE_MODEL__LORA__TARGET_MODULES or the profile's model.lora.target_modules)"
+        )
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
@@ -69,7 +82,11 @@ def meta_model(settings: Settings) -> nn.Module:
 
 def lora_report(settings: Settings) -> dict[str, Any]:
     """Exact trainable/total parameters of the profile's adapter, its targets, and bf16 vs NF4 weight bytes."""
+    if settings.model.backend != "qlora":
+        raise ConfigError(f"profile {settings.profile!r} fine-tunes an {settings.model.backend} without a LoRA "
+                          "adapter: lora-report sizes the adapter of a QLoRA profile (cpu, mistral-7b, tiny-mistral)")
     base = meta_model(settings)
+    check_targets(base, settings.model.lora)
     memory = analytic_memory(base, settings.model.quantization)
     lora = settings.model.lora
     other_choices = alternatives(base, ranks=(8, 16, 64))  # before peft replaces the target layers

@@ -34,10 +34,10 @@ from fintune.data import DataSplits, Example, load_splits
 from fintune.errors import ArtifactError
 from fintune.evaluation import classification_metrics, write_json
 from fintune.model.calibration import validation_probabilities
-from fintune.model.card import CARD_FILE, CHECKPOINT_DIR
+from fintune.model.card import CARD_FILE, CHECKPOINT_DIR, default_model_dir
 from fintune.model.inference import SentimentClassifier
 from fintune.model.loading import load_tokenizer, resolve_base
-from fintune.model.lora import count_parameters, lora_config
+from fintune.model.lora import check_targets, count_parameters, lora_config
 from fintune.model.plots import plot_loss_curve
 from fintune.model.quantization import load_base
 from fintune.monitoring.drift import save_drift_baseline
@@ -53,11 +53,6 @@ class TrainingResult:
     output_dir: Path
     card: dict[str, Any]
     classifier: SentimentClassifier
-
-
-def default_output_dir(settings: Settings) -> Path:
-    """Where ``fintune train`` writes a profile's adapter when not told: ``<output_dir>/models/<profile>``."""
-    return settings.output_dir / "models" / settings.profile
 
 
 def records(examples: list[Example], template: str) -> Dataset:
@@ -127,16 +122,17 @@ def train(
     command: str | None = None,
 ) -> TrainingResult:
     """Fine-tune the profile's base with QLoRA and save adapter, model card, loss curve and drift baseline."""
-    out = Path(output_dir or default_output_dir(settings))
-    out.mkdir(parents=True, exist_ok=True)
     splits = splits or load_splits(settings, settings.data.subset)
+    out = Path(output_dir or default_model_dir(settings, splits.subset))
+    out.mkdir(parents=True, exist_ok=True)
     model_cfg = settings.model
-    resume = resume_or_record_run(out, run_identity(settings, splits))
+    resume = resume_or_record_run(out, run_identity(settings, splits, max_steps))
     set_seed(settings.seed)
     started = time.perf_counter()
     source = resolve_base(model_cfg, settings.cache_dir)
     tokenizer = load_tokenizer(source)
     model = load_base(source, model_cfg)
+    check_targets(model, model_cfg.lora)
     if model_cfg.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=model_cfg.training.gradient_checkpointing
@@ -183,6 +179,7 @@ def train(
         "trainable_params": trainable,
         "total_params": total,
         "memory_footprint_bytes": int(peft_model.get_memory_footprint()),
+        "max_steps": max_steps,  # --max-steps, None when the profile decided where training ends
         "global_steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "train_loss": round(run_mean_loss(trainer.state.log_history, session_loss, resumed_from,
@@ -202,17 +199,19 @@ RUN_FILE = "run.json"
 """In the checkpoint folder: what the run is (profile, seed, data fingerprint, model settings)."""
 
 
-def run_identity(settings: Settings, splits: DataSplits) -> dict[str, Any]:
-    """What must be the same for checkpoints to be resumed: profile, seed, data and every model setting that
-    shapes training (inference settings may change between the two runs)."""
+def run_identity(settings: Settings, splits: DataSplits, max_steps: int | None = None) -> dict[str, Any]:
+    """What must be the same for checkpoints to be resumed: profile, seed, data, the step the run ends at
+    (``max_steps``, else the profile's; the learning-rate schedule follows it) and every model setting that shapes
+    training (inference settings may change between the two runs)."""
     return {"profile": settings.profile, "seed": settings.seed, "data_fingerprint": splits.fingerprint,
+            "max_steps": settings.model.training.max_steps if max_steps is None else max_steps,
             "model_settings": settings.model.model_dump(mode="json", exclude={"inference"})}
 
 
 def resume_or_record_run(out: Path, identity: dict[str, Any]) -> bool:
     """True when ``out`` holds checkpoints of this very run; without checkpoints, record the run and return False.
 
-    Checkpoints of another run (other data, profile or settings) are an :class:`ArtifactError`: resuming them
+    Checkpoints of another run (other data, profile, settings or last step) are an :class:`ArtifactError`: resuming them
     would mix two trainings silently, or fail deep inside the trainer.
     """
     recorded = out / CHECKPOINT_DIR / RUN_FILE
@@ -223,8 +222,8 @@ def resume_or_record_run(out: Path, identity: dict[str, Any]) -> bool:
     previous = json.loads(recorded.read_text(encoding="utf-8")) if recorded.is_file() else None
     if previous != json.loads(json.dumps(identity)):
         raise ArtifactError(
-            f"{out} holds checkpoints of another run (other data, profile or settings, or an older version): "
-            "pass --overwrite to start afresh, or choose another --output-dir"
+            f"{out} holds checkpoints of another run (other data, profile, settings or --max-steps, or an older "
+            "version): pass --overwrite to start afresh, or choose another --output-dir"
         )
     return True
 

@@ -27,6 +27,7 @@ import numpy as np
 from fintune import LABELS
 from fintune.config import FaultInjectionSettings, Settings
 from fintune.errors import ArtifactError, DataError
+from fintune.model.card import CARD_FILE, card_version, default_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def with_faults(classifier: BatchClassifier, faults: FaultInjectionSettings) -> 
 
 def model_dir(settings: Settings) -> Path:
     """The adapter folder the service serves (``serving.model_dir`` or ``<output_dir>/models/<profile>``)."""
-    return settings.serving.model_dir or settings.output_dir / "models" / settings.profile
+    return settings.serving.model_dir or default_model_dir(settings)
 
 
 def load_classifier(settings: Settings) -> BatchClassifier:
@@ -135,8 +136,6 @@ def load_classifier(settings: Settings) -> BatchClassifier:
     (random for tiny-mistral, zero-shot for SmolLM2), or the encoder with a fresh head; but an explicit
     ``serving.model_dir`` without one is an :class:`ArtifactError` (a mistyped path must not serve noise).
     """
-    from fintune.model.card import CARD_FILE, card_version
-
     folder = model_dir(settings)
     name = settings.model.base_model
     if (folder / CARD_FILE).is_file():
