@@ -124,5 +124,6 @@ def run_baselines(
 def load_pipeline(path: Path) -> Pipeline:
     """A fitted baseline pipeline saved by :func:`run_baselines` (the serving fallback uses it)."""
     if not path.is_file():
-        raise ArtifactError(f"no fitted baseline at {path}; run `fintune baselines` first")
+        raise ArtifactError(f"no fitted baseline at {path}; run `fintune baselines --subset S --output-dir "
+                            f"{path.parent}` first, S the subset it should learn")
     return joblib.load(path)

@@ -275,11 +275,17 @@ class ModelSettings(Section):
         description="Attention kernel of the causal LM (transformers' attn_implementation): `sdpa`, PyTorch's "
         "fused kernel, or `eager`, plain matrix products (faster for short sentences on a CPU). Same results.",
     )
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
-    inference: InferenceSettings = Field(default_factory=InferenceSettings)
-    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="The LoRA adapter (QLoRA backend).")
+    quantization: QuantizationSettings = Field(
+        default_factory=QuantizationSettings, description="How the base is loaded: 4-bit NF4 through bitsandbytes."
+    )
+    training: TrainingSettings = Field(default_factory=TrainingSettings, description="The QLoRA SFTTrainer run.")
+    inference: InferenceSettings = Field(
+        default_factory=InferenceSettings, description="Scoring: dtype, batches, calibration, evaluation figures."
+    )
+    encoder: EncoderSettings = Field(
+        default_factory=EncoderSettings, description="The encoder fallback (backend: encoder): weights and training."
+    )
 
 
 PII_ENTITIES: tuple[str, ...] = (
@@ -423,7 +429,9 @@ class ReliabilitySettings(Section):
     redis_retry_s: float = Field(
         5.0, ge=0, description="After a Redis failure, seconds each process uses its own record before trying again."
     )
-    recovery: RecoverySettings = Field(default_factory=RecoverySettings)
+    recovery: RecoverySettings = Field(
+        default_factory=RecoverySettings, description="What the RecoveryManager does on OOM, latency spikes and drift."
+    )
 
 
 class HealthWeights(Section):
@@ -479,7 +487,9 @@ class MonitoringSettings(Section):
     breaker_half_open_penalty: float = Field(
         20.0, ge=0, le=100, description="Points taken off while the breaker is HALF_OPEN."
     )
-    health_weights: HealthWeights = Field(default_factory=HealthWeights)
+    health_weights: HealthWeights = Field(
+        default_factory=HealthWeights, description="How much each signal weighs in the 0-100 health score."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> MonitoringSettings:
@@ -559,7 +569,9 @@ class ServingSettings(Section):
         30.0, gt=0, description="On SIGTERM, how long in-flight requests get to finish before uvicorn stops."
     )
     access_log: bool = Field(True, description="uvicorn access log (method, path, status; never bodies).")
-    faults: FaultInjectionSettings = Field(default_factory=FaultInjectionSettings)
+    faults: FaultInjectionSettings = Field(
+        default_factory=FaultInjectionSettings, description="Injected model faults, for load tests and drills only."
+    )
 
     @model_validator(mode="after")
     def _queue_holds_a_batch(self) -> ServingSettings:
@@ -608,14 +620,26 @@ class Settings(BaseSettings):
     )
     output_dir: Path = Field(PROJECT_ROOT / "outputs", description="Root of every artifact FinTune writes.")
     cache_dir: Path = Field(PROJECT_ROOT / ".cache", description="Downloads and converted model weights.")
-    data: DataSettings = Field(default_factory=DataSettings)
-    baselines: BaselineSettings = Field(default_factory=BaselineSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
-    reliability: ReliabilitySettings = Field(default_factory=ReliabilitySettings)
-    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
-    serving: ServingSettings = Field(default_factory=ServingSettings)
-    scale: ScaleSettings = Field(default_factory=ScaleSettings)
+    data: DataSettings = Field(default_factory=DataSettings, description="Financial PhraseBank: subset and splits.")
+    baselines: BaselineSettings = Field(
+        default_factory=BaselineSettings, description="The TF-IDF baselines the model must beat."
+    )
+    model: ModelSettings = Field(
+        default_factory=ModelSettings, description="The classifier: base, backend, training and inference."
+    )
+    guardrails: GuardrailSettings = Field(
+        default_factory=GuardrailSettings, description="PII masking and the output checks."
+    )
+    reliability: ReliabilitySettings = Field(
+        default_factory=ReliabilitySettings, description="The circuit breaker, its storage, and recovery."
+    )
+    monitoring: MonitoringSettings = Field(
+        default_factory=MonitoringSettings, description="Latency, errors, drift and the health score."
+    )
+    serving: ServingSettings = Field(
+        default_factory=ServingSettings, description="The HTTP service: batching, limits, auth, degraded mode."
+    )
+    scale: ScaleSettings = Field(default_factory=ScaleSettings, description="Offline classification on Ray.")
 
     @classmethod
     def settings_customise_sources(

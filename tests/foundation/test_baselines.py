@@ -47,7 +47,7 @@ def test_saved_pipeline_predicts_like_the_trained_one(tiny_data_dir: Path, tmp_p
     run_baselines(load_splits(settings), settings.baselines, tmp_path, command="pytest")
     pipeline = load_pipeline(tmp_path / "linear_svc.joblib")
     assert list(pipeline.predict(["Operating profit fell to EUR 3.1 mn from EUR 40.0 mn ."])) == ["negative"]
-    with pytest.raises(ArtifactError, match="run `fintune baselines` first"):
+    with pytest.raises(ArtifactError, match=f"run `fintune baselines --subset S --output-dir {tmp_path}` first"):
         load_pipeline(tmp_path / "missing.joblib")
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from fintune.config import available_profiles, load_settings
+from fintune.config import Settings, available_profiles, load_settings
 from fintune.errors import ConfigError
 
 
@@ -17,6 +18,22 @@ def test_default_profile_is_cpu_with_documented_defaults() -> None:
     assert settings.model.quantization.quant_type == "nf4" and settings.model.quantization.double_quant
     assert settings.monitoring.drift_threshold == 0.15
     assert settings.reliability.failure_threshold == 5
+
+
+def undescribed_fields(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Dotted names of the fields, at any depth, that carry no description."""
+    missing = []
+    for name, field in model.model_fields.items():
+        if not (field.description or "").strip():
+            missing.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            missing += undescribed_fields(field.annotation, f"{prefix}{name}.")
+    return missing
+
+
+def test_every_setting_and_section_is_described() -> None:
+    assert len(Settings.model_fields) > 10
+    assert undescribed_fields(Settings) == []  # every knob, sections included, says what it does
 
 
 def test_every_shipped_profile_loads() -> None:

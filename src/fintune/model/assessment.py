@@ -186,7 +186,8 @@ def compare_with_baselines(
     if baselines["data"]["fingerprint"] != splits.fingerprint:
         raise ArtifactError(
             f"the baselines in {path.parent} were trained on other data (fingerprint "
-            f"{baselines['data']['fingerprint'][:12]} vs {splits.fingerprint[:12]}); re-run `fintune baselines`"
+            f"{baselines['data']['fingerprint'][:12]} vs {splits.fingerprint[:12]}); re-run "
+            f"`fintune baselines --subset {splits.subset} --output-dir {path.parent}`"
         )
     codes = {label: i for i, label in enumerate(LABELS)}
     truth = np.array([codes[ex.label] for ex in examples])

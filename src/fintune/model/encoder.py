@@ -186,7 +186,7 @@ def train_encoder(
         "distillation": None if teacher is None else {**teacher.describe(), "weight": encoder.distill_weight},
         "max_steps": max_steps,  # --max-steps, None when the profile decided where training ends
         "global_steps": total,
-        "train_loss": round(float(np.mean(losses[-20:])), 4) if losses else None,
+        "train_loss": round(float(np.mean(losses)), 4) if losses else None,  # the run's mean, as QLoRA's card
         "train_seconds": round(train_seconds, 1),
         "validation": validation,
         "calibration": calibration,
