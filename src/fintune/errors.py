@@ -93,5 +93,11 @@ class ServingError(FinTuneError):
     """The HTTP service cannot start: its host and port are taken or cannot be bound."""
 
 
+class IncompleteRunError(FinTuneError):
+    """An offline run wrote every record, but the system (not the input) left some texts without an answer."""
+
+    exit_code: int = 1
+
+
 class GuardrailError(FinTuneError):
     """The PII guardrails cannot run (spaCy model not installed, unknown entity type, unreadable input)."""

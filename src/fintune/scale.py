@@ -97,15 +97,16 @@ def classify_on_ray(
 
 
 def replica_count(settings: ScaleSettings) -> int:
-    """How many of ``settings.actors`` replicas the cluster's CPUs can hold at once (more would wait forever);
-    ScaleError when not even one fits."""
+    """How many of ``settings.actors`` replicas the cluster's nodes can hold at once, counted node by node (a
+    replica runs on one node, and one that fits nowhere would wait forever); ScaleError when not even one fits."""
     ray = _import_ray()
-    cpus = float(ray.cluster_resources().get("CPU", 0))
-    fits = math.floor(cpus / settings.cpus_per_actor + 1e-9)
+    node_cpus = [float(node.get("Resources", {}).get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
+    fits = sum(math.floor(cpus / settings.cpus_per_actor + 1e-9) for cpus in node_cpus)
     if fits < 1:
         raise ScaleError(
-            f"the Ray cluster has {cpus:g} CPUs, fewer than one replica's scale.cpus_per_actor "
-            f"({settings.cpus_per_actor:g}): lower it or add nodes"
+            f"no node of the Ray cluster has the CPUs of one replica, scale.cpus_per_actor "
+            f"({settings.cpus_per_actor:g}; the largest has {max(node_cpus, default=0):g}): lower it or add "
+            "larger nodes"
         )
     if fits < settings.actors:
         logger.warning("the Ray cluster holds %d replicas of %g CPUs, not the %d asked for: running %d",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,15 +39,18 @@ def local_ray() -> Iterator[None]:
 
 class TaggingClassifier:
     """A replica that tags each text with its process id; with a marker path, the first replica to get a chunk
-    dies (the whole process, as out-of-memory kills it) before answering."""
+    dies (the whole process, as out-of-memory kills it) before answering; the chunk holding ``slow_text`` is late."""
 
-    def __init__(self, crash_marker: Path | None = None) -> None:
+    def __init__(self, crash_marker: Path | None = None, slow_text: str | None = None) -> None:
         self.crash_marker = crash_marker
+        self.slow_text = slow_text
 
     def __call__(self) -> Callable[[list[str]], Records]:
         pid = os.getpid()
 
         def classify(texts: list[str]) -> Records:
+            if self.slow_text in texts:
+                time.sleep(0.5)  # its chunk comes back after later ones
             if self.crash_marker is not None and not self.crash_marker.exists():
                 self.crash_marker.touch()
                 os._exit(1)
@@ -64,7 +68,8 @@ class MissingModel:
 
 def test_replicas_answer_in_input_order(local_ray: None) -> None:
     texts = [f"sentence {i}" for i in range(20)]
-    chunks = list(classify_on_ray(texts, TaggingClassifier(), ScaleSettings(actors=2, chunk_size=3)))
+    chunks = list(classify_on_ray(texts, TaggingClassifier(slow_text="sentence 0"),
+                                  ScaleSettings(actors=2, chunk_size=3)))
     assert [len(c) for c in chunks] == [3] * 6 + [2]
     assert [r["text"] for c in chunks for r in c] == texts
     assert len({r["pid"] for c in chunks for r in c}) == 2  # both replicas worked
@@ -88,8 +93,16 @@ def test_the_pipelines_own_errors_arrive_as_themselves(local_ray: None) -> None:
 def test_replicas_are_capped_by_the_clusters_cpus(local_ray: None) -> None:
     assert replica_count(ScaleSettings(actors=5, cpus_per_actor=1)) == 2
     assert replica_count(ScaleSettings(actors=1, cpus_per_actor=2)) == 1
-    with pytest.raises(ScaleError, match="fewer than one replica"):
+    with pytest.raises(ScaleError, match="no node of the Ray cluster .* the largest has 2"):
         replica_count(ScaleSettings(cpus_per_actor=3))
+
+
+def test_replicas_are_counted_node_by_node(local_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    nodes = [{"Alive": True, "Resources": {"CPU": 3.0}}, {"Alive": True, "Resources": {"CPU": 3.0}},
+             {"Alive": False, "Resources": {"CPU": 8.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)  # the edge of the world: a cluster of three machines
+    assert replica_count(ScaleSettings(actors=3, cpus_per_actor=2)) == 2  # 6 CPUs, but 2 per node hold one each
+    assert replica_count(ScaleSettings(actors=8, cpus_per_actor=1)) == 6  # the dead node counts for nothing
 
 
 def test_an_unreachable_cluster_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:

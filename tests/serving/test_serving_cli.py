@@ -12,6 +12,7 @@ from serving_helpers import PII_TEXT, PII_VALUES
 from fintune.cli import main
 from fintune.cli.serve_commands import example_curl, read_texts
 from fintune.config import load_settings
+from fintune.errors import InvalidInputError
 from fintune.model.card import card_version
 
 
@@ -40,8 +41,35 @@ def test_classify_file_writes_one_redacted_record_per_text(
     assert records[1]["guardrail"]["pii_count"] == 3
     assert records[2]["error"]["code"] == "invalid_input"
     assert "classify: 100%" in err  # the progress bar, on stderr
+    assert "holds no trained model: the untrained tiny-mistral answers (version base-untuned)" in err
+    assert not out.with_name("out.jsonl.part").exists()  # written whole, then renamed
     for value in PII_VALUES:
         assert value not in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_a_run_whose_model_fails_exits_1_and_one_that_cannot_load_it_stops(
+    offline_env: None, tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("Net sales rose 5 %.\n \nProfit fell.\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ["classify", "--profile", "tiny-mistral", "--input", str(source), "--output", str(out)]
+    monkeypatch.setenv("FINTUNE_SERVING__DEGRADED_MODE", "fail")
+    monkeypatch.setenv("FINTUNE_SERVING__FAULTS__RATE", "1")  # every model call raises
+    assert main(args) == 1
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["error"]["code"] for r in records] == ["model_unavailable", "model_unavailable"]  # blank line skipped
+    err = capfd.readouterr().err
+    assert "2 of 2 texts got no answer (2 model_unavailable" in err
+
+    monkeypatch.delenv("FINTUNE_SERVING__FAULTS__RATE")
+    broken = tmp_path / "broken"  # a card, but no adapter beside it
+    broken.mkdir()
+    (broken / "fintune.json").write_text(json.dumps({"backend": "qlora", "profile": "tiny-mistral",
+                                                     "complete": True}), encoding="utf-8")
+    assert main([*args, "--model", str(broken)]) == 2  # not a file of baseline answers
+    assert "the model did not load" in capfd.readouterr().err
 
 
 def test_input_formats_and_their_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -61,6 +89,27 @@ def test_input_formats_and_their_errors(tmp_path: Path, capfd: pytest.CaptureFix
     assert "only apply with --engine ray" in err
     assert "use .txt, .csv or .jsonl" in err and "either a TEXT argument or --input" in err
     assert "latin1.txt:2 is not UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_bad_csv_or_an_empty_input_is_one_error_before_any_model_loads(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    lines = ["id,text", *(f'{n},Row {n} text.' for n in range(1, 5)), '5,"Row 5 has a stray quote',
+             *(f"{n},Row {n} text." for n in range(6, 100))]
+    (tmp_path / "quote.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="quote.csv:6 is not valid CSV .*unclosed quote"):
+        list(read_texts(tmp_path / "quote.csv"))  # not 5 rows and 94 silently lost
+    (tmp_path / "semi.csv").write_text("id;text\n1;Profit fell.\n", encoding="utf-8")
+    with pytest.raises(InvalidInputError, match="no 'text' field \\(it has: 'id;text'\\)"):
+        list(read_texts(tmp_path / "semi.csv"))
+    (tmp_path / "ids.jsonl").write_text('{"id": null, "text": "a"}\n{"id": "", "text": "b"}\n', encoding="utf-8")
+    assert list(read_texts(tmp_path / "ids.jsonl")) == [("1", "a"), ("2", "b")]
+    (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
+    assert main(["classify", "--input", str(tmp_path / "empty.txt")]) == 2
+    assert main(["classify", "--output", str(tmp_path / "no" / "such" / "out.jsonl"), "Sales rose."]) == 2
+    err = capfd.readouterr().err
+    assert "empty.txt holds no text to classify" in err and "the folder" in err and "does not exist" in err
+    assert "Traceback" not in err
 
 
 def test_serve_prints_a_working_curl() -> None:

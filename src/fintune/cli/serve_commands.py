@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import errno
 import io
+import itertools
 import json
 import math
 import os
 import socket
 import sys
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -23,9 +25,9 @@ from typing import Annotated, Any, Literal, TextIO
 import typer
 from tqdm import tqdm
 
-from fintune.cli._app import ProfileOption, app, console
+from fintune.cli._app import ProfileOption, app, console, err_console
 from fintune.config import Settings, load_settings
-from fintune.errors import InvalidInputError, ServingError
+from fintune.errors import IncompleteRunError, InvalidInputError, ServingError
 
 ServedModelOption = Annotated[
     Path | None,
@@ -146,18 +148,62 @@ def classify_command(
         raise InvalidInputError("--actors and --ray-address only apply with --engine ray")
     settings = _with_scale(settings_with_model(profile, model), actors, ray_address)
     rows = [("1", text)] if text is not None else list(read_texts(input_file, text_column))  # type: ignore[arg-type]
+    if not rows:
+        raise InvalidInputError(f"{input_file} holds no text to classify")
+    if output is not None and not output.parent.is_dir():
+        raise InvalidInputError(f"cannot write {output}: the folder {output.parent} does not exist")
+    _warn_if_untrained(settings)
+    errors: Counter[str] = Counter()
+    part = output.with_name(output.name + ".part") if output else None  # renamed to output once complete
     with ExitStack() as stack:
         chunks = _record_chunks([t for _, t in rows], settings, engine, stack)
-        sink: TextIO = stack.enter_context(output.open("w", encoding="utf-8")) if output else sys.stdout
+        sink: TextIO = stack.enter_context(part.open("w", encoding="utf-8")) if part else sys.stdout
         bar = stack.enter_context(tqdm(total=len(rows), desc="classify", unit="text", disable=text is not None))
         done = 0
         for records in chunks:
             for (row_id, _), record in zip(rows[done : done + len(records)], records, strict=True):
                 sink.write(json.dumps({"id": row_id, **record}, ensure_ascii=False) + "\n")
+                errors.update([record["error"]["code"]] if record.get("error") else [])
             done += len(records)
             bar.update(len(records))
-    if output:
-        console.print(f"{len(rows)} records written to {output}")
+    if part and output:
+        os.replace(part, output)
+        failed = f" ({sum(errors.values())} with an error: {_counts(errors)})" if errors else ""
+        console.print(f"{len(rows)} records written to {output}{failed}")
+    _fail_on_system_errors(errors, len(rows))
+
+
+ROW_ERRORS = frozenset({"invalid_input"})
+"""Error codes that are the text's own problem; any other error in a record means the system failed it."""
+
+
+def _counts(errors: Counter[str]) -> str:
+    """``3 model_unavailable, 1 invalid_input``."""
+    return ", ".join(f"{n} {code}" for code, n in errors.most_common())
+
+
+def _fail_on_system_errors(errors: Counter[str], total: int) -> None:
+    """IncompleteRunError (exit 1) when the system, not the input, left texts without an answer."""
+    system = Counter({code: n for code, n in errors.items() if code not in ROW_ERRORS})
+    if system:
+        raise IncompleteRunError(
+            f"{sum(system.values())} of {total} texts got no answer ({_counts(system)}; each record's error says "
+            "why): run them again once the model is healthy"
+        )
+
+
+def _warn_if_untrained(settings: Settings) -> None:
+    """Say so on stderr when no trained model is there and the untrained base will answer."""
+    from fintune.model.card import CARD_FILE
+    from fintune.serving.model_adapter import model_dir
+
+    folder = model_dir(settings)
+    if settings.serving.model_dir is None and not (folder / CARD_FILE).is_file():  # a named folder must hold one
+        err_console.print(
+            f"[yellow]warning:[/] {folder} holds no trained model: the untrained {settings.model.base_model} "
+            f"answers (version base-untuned); train one with `fintune train --profile {settings.profile}`",
+            highlight=False, soft_wrap=True,
+        )
 
 
 def _with_scale(settings: Settings, actors: int | None, address: str | None) -> Settings:
@@ -177,7 +223,8 @@ def _record_chunks(texts: list[str], settings: Settings, engine: Engine, stack: 
         chunks = classify_on_ray(texts, OfflineRecords(settings), settings.scale)
         stack.callback(chunks.close)  # its replicas go before the cluster does, even when writing fails
         return chunks
-    classify = OfflineRecords(settings, redact_process_logs=False)()
+    classify, undo_log_redaction = OfflineRecords(settings).in_this_process()
+    stack.callback(undo_log_redaction)  # main() may run in a longer-lived process (tests, notebooks)
     size = settings.serving.micro_batch_size
     return (classify(texts[start : start + size]) for start in range(0, len(texts), size))
 
@@ -191,8 +238,7 @@ def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
         if suffix == ".txt":
             yield from ((str(n), line.rstrip("\r\n")) for n, line in enumerate(handle, 1) if line.strip())
         elif suffix == ".csv":
-            for n, row in enumerate(csv.DictReader(handle), 1):
-                yield str(row.get("id") or n), _field(row, column, path, n)
+            yield from _csv_rows(handle, column, path)
         elif suffix == ".jsonl":
             for n, line in enumerate(handle, 1):
                 if line.strip():
@@ -201,10 +247,35 @@ def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
             raise InvalidInputError(f"{path}: unknown input format {suffix!r}; use .txt, .csv or .jsonl")
 
 
+def _csv_rows(handle: io.StringIO, column: str, path: Path) -> Iterator[tuple[str, str]]:
+    """(id, text) of each CSV row, read strictly: a stray quote, which would swallow every later row into one
+    field, is an InvalidInputError naming the line."""
+    reader = csv.DictReader(handle, strict=True)
+    start = 1  # the line the record being read starts on
+    try:
+        _ = reader.fieldnames  # the header, read first
+        for n in itertools.count(1):
+            start = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                return
+            yield _row_id(row.get("id"), n), _field(row, column, path, n)
+    except csv.Error as exc:
+        raise InvalidInputError(f"{path}:{start} is not valid CSV ({exc}); look for an unclosed quote there") from None
+
+
+def _row_id(value: Any, n: int) -> str:
+    """A row's id: its own, else (absent, null or empty) its 1-based number."""
+    return str(n) if value is None or value == "" else str(value)
+
+
 def _utf8_text(path: Path) -> str:
     """The whole file as text (a leading byte-order mark, as spreadsheets write, dropped); InvalidInputError naming
     the first line that is not UTF-8, never its content."""
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -222,12 +293,16 @@ def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
         return str(n), value
     if not isinstance(value, dict):
         raise InvalidInputError(f"{path}:{n} must be a JSON object with a {column!r} key or a string")
-    return str(value.get("id", n)), _field(value, column, path, n)
+    return _row_id(value.get("id"), n), _field(value, column, path, n)
 
 
 def _field(row: dict[str, Any], column: str, path: Path, n: int) -> str:
     """The text of a row; InvalidInputError naming the row when it is missing or not a string."""
-    value = row.get(column)
+    if column not in row:
+        found = ", ".join(repr(key) for key in row if key) or "none"
+        raise InvalidInputError(f"{path} row {n} has no {column!r} field (it has: {found}); name the text's with "
+                                "--text-column, or save the CSV comma-separated")
+    value = row[column]
     if not isinstance(value, str):
-        raise InvalidInputError(f"{path} row {n} has no text in {column!r} (use --text-column)")
+        raise InvalidInputError(f"{path} row {n}: {column!r} holds no text")
     return value

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fintune.config import Settings
-from fintune.errors import FinTuneError, InvalidInputError, ServiceOverloadedError
+from fintune.errors import ArtifactError, FinTuneError, InvalidInputError, ServiceOverloadedError
 from fintune.monitoring import SystemMonitor, load_drift_baseline
 from fintune.reliability import CircuitBreaker
 from fintune.serving import documents
@@ -328,6 +328,11 @@ def offline_pipeline(settings: Settings, classifier: ClassifierSource = None) ->
     breaker = CircuitBreaker.from_settings(settings.reliability)
     slot = ModelSlot(model_loader(settings, classifier), settings, breaker)
     slot.load()
+    if not slot.ready:  # a service stays up degraded; a batch run must not quietly answer from the baseline
+        raise ArtifactError(
+            f"the model did not load ({slot.error}); fix serving.model_dir (--model) or retrain it with "
+            "`fintune train`"
+        )
     fallback = load_baseline(settings) if settings.serving.degraded_mode == "baseline" else None
     return ClassificationPipeline(
         settings, guard=PIIGuard.from_settings(settings.guardrails), breaker=breaker,
@@ -346,12 +351,18 @@ class OfflineRecords:
 
     def __call__(self) -> Callable[[list[str]], list[dict[str, Any]]]:
         """Build the pipeline here (loading the model) and return its text-to-records function."""
+        return self.in_this_process()[0]
+
+    def in_this_process(self) -> tuple[Callable[[list[str]], list[dict[str, Any]]], Callable[[], None]]:
+        """The text-to-records function and what undoes its log redaction when the run ends (a no-op when none
+        was installed): for a caller whose process outlives the run."""
         pipeline = offline_pipeline(self.settings)
+        undo: Callable[[], None] = lambda: None  # noqa: E731
         if self.redact_process_logs and self.settings.guardrails.redact_logs:
             from fintune.guardrails import install_log_redaction
 
-            install_log_redaction(pipeline.guard)  # type: ignore[arg-type]
-        return lambda texts: [outcome_record(outcome) for outcome in pipeline.classify_offline(texts)]
+            undo = install_log_redaction(pipeline.guard)  # type: ignore[arg-type]
+        return (lambda texts: [outcome_record(outcome) for outcome in pipeline.classify_offline(texts)]), undo
 
 
 def outcome_record(outcome: ItemOutcome) -> dict[str, Any]:
