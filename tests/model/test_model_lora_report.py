@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fintune.config import load_settings
@@ -45,3 +47,9 @@ def test_without_double_quantization_the_constants_cost_more() -> None:
     base = meta_model(settings)
     single = settings.model.quantization.model_copy(update={"double_quant": False})
     assert analytic_memory(base, single)["nf4_bytes"] > analytic_memory(base, settings.model.quantization)["nf4_bytes"]
+
+
+def test_the_cpu_report_reads_the_gguf_metadata_without_converting_weights(tmp_path: Path) -> None:
+    report = lora_report(load_settings("cpu", cache_dir=tmp_path))
+    assert (report["trainable_params"], report["total_params"]) == (1_843_200, 136_358_208)  # lora_report_cpu.json
+    assert not (tmp_path / "models").exists()  # no safetensors copy written just to read a config

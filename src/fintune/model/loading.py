@@ -208,8 +208,9 @@ def architecture_config(model: ModelSettings, cache_dir: Path) -> Any:
         return MistralConfig(**model.random_init)
     if KNOWN_ARCHITECTURES.get(model.base_model) == "mistral":
         return MistralConfig()  # its defaults are Mistral-7B-v0.1's architecture
-    source = resolve_base(model, cache_dir)
+    gguf = gguf_path(model)
+    source, options = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf else (model.base_model, {})
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(source, **options)  # a GGUF's metadata: no weights converted
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read the config of {source!r}: {exc}; is the hub reachable?") from exc
