@@ -118,6 +118,26 @@ def test_analyze_classifies_an_over_long_sentence_in_pieces_cut_outside_its_pii(
     results = response.json()["results"]
     assert [r["cut"] for r in results] == [True, True, False] and [r["index"] for r in results] == [0, 1, 2]
     assert "john.doe" not in response.text
+    assert [r["pii_types"] for r in results] == [[], ["EMAIL_ADDRESS"], []]
+
+
+def test_analyze_masks_the_document_before_a_split_parts_a_number_from_its_label(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    model = KeywordClassifier()
+    document = ("Wire to account no. 0012345678 today. Soc. Sec. No. 219099999 was filed. Our SSN\n\n536228145 is "
+                "on file. " + "Revenue grew " * 160 + "and account 0012345678 was closed.")
+    with make_client(serving_settings, guard, classifier=model) as client:
+        wait_ready(client)
+        response = client.post("/v1/analyze", json={"text": document})
+        metrics = client.get("/metrics/json").json()
+    assert response.status_code == 200
+    for value in ("0012345678", "219099999", "536228145"):
+        assert value not in response.text and not any(value in seen for seen in model.seen)
+    results = response.json()["results"]
+    assert len(results) > 5  # "no." and "No." end sentences, the blank line a paragraph, the long one is cut
+    assert sum(r["pii_types"].count("ACCOUNT_NUMBER") + r["pii_types"].count("US_SSN") for r in results) == 4
+    assert metrics["pii_detections"]["ACCOUNT_NUMBER"] == 2 and metrics["pii_detections"]["US_SSN"] == 2
 
 
 BAD_INPUTS = [

@@ -4,7 +4,9 @@ The splitter is a blank English spaCy pipeline with the ``sentencizer`` componen
 tokenizer keeps numbers such as ``EUR 13.1 mn``, e-mail addresses and URLs whole, so a split never cuts a PII
 value in two before the guard sees it. Line breaks between paragraphs also end a sentence. A sentence over the
 per-text limit is classified in pieces, cut outside every PII span the guard finds in it (:func:`split_long`):
-nothing of it goes unclassified.
+nothing of it goes unclassified. The service masks the whole document before splitting it (a split can part a
+number from the word that marks it as PII, "account no." from "0012345678"); :func:`masks_in_pieces` tells
+each sentence which masks it holds.
 """
 
 from __future__ import annotations
@@ -93,6 +95,40 @@ class _Span(NamedTuple):
 
     start: int
     end: int
+
+
+class Mask(NamedTuple):
+    """Where the guard's ``<TYPE>`` mask of one PII span sits in the masked document, and the span's type."""
+
+    start: int
+    end: int
+    entity_type: str
+
+
+def masks_after_masking(spans: Sequence[Any]) -> list[Mask]:
+    """Where each of the (non-overlapping) ``spans`` ends up once the guard has replaced it by ``<TYPE>``."""
+    masks: list[Mask] = []
+    shift = 0  # how much longer the masked text is than the original up to here
+    for span in sorted(spans, key=lambda span: span.start):
+        token = f"<{span.entity_type}>"
+        masks.append(Mask(span.start + shift, span.start + shift + len(token), span.entity_type))
+        shift += len(token) - (span.end - span.start)
+    return masks
+
+
+def masks_in_pieces(masked: str, pieces: Sequence[str], masks: Sequence[Mask]) -> list[list[str]]:
+    """For each piece (consecutive substrings of ``masked``, in order, as the splitters cut them), the types of
+    the masks inside it."""
+    found: list[list[str]] = []
+    cursor = 0
+    for piece in pieces:
+        start = masked.find(piece, cursor)
+        if start < 0:  # cannot happen for the splitters' pieces; no mask is then attributed to it
+            found.append([])
+            continue
+        cursor = start + len(piece)
+        found.append([mask.entity_type for mask in masks if start <= mask.start and mask.end <= cursor])
+    return found
 
 
 def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -41,8 +41,16 @@ class Guard(Protocol):
         """Masked texts, in order."""
         ...
 
+    def detect(self, text: str) -> list[Any]:
+        """The PII spans (objects with ``start``, ``end`` and ``entity_type``) of one text."""
+        ...
+
     def detect_batch(self, texts: Sequence[str]) -> list[list[Any]]:
         """The PII spans (objects with ``start`` and ``end``) of each text, in order."""
+        ...
+
+    def mask(self, text: str, spans: list[Any]) -> GuardrailResult:
+        """``text`` with ``spans`` replaced by ``<TYPE>``."""
         ...
 
     def check_output(self, result: GuardrailResult, label: str, confidence: float) -> GuardrailResult:

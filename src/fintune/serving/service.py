@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -196,7 +197,8 @@ class Services:
         if len(document) > s.max_document_chars or not document.strip():
             documents.check_document(document, s.max_document_chars, s.max_document_sentences, [])
         check_characters(document, "document")  # positions in the document; spaCy never sees a lone surrogate
-        sentences = await asyncio.to_thread(documents.split_sentences, document)
+        masked, masks = await asyncio.to_thread(_mask_document, pipeline, document)
+        sentences = await asyncio.to_thread(documents.split_sentences, masked)
         documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
         pieces = await asyncio.to_thread(_fit_sentences, pipeline, sentences, s.max_text_chars)
         sentences, cut = [text for text, _ in pieces], [was_cut for _, was_cut in pieces]
@@ -204,6 +206,9 @@ class Services:
         for sentence in sentences:
             pipeline.validate(sentence)
         outcomes = await self._submit(sentences, started)
+        outcomes = [with_document_pii(outcome, types)
+                    for outcome, types in zip(outcomes, documents.masks_in_pieces(masked, sentences, masks),
+                                              strict=True)]
         latency = time.perf_counter() - started
         for outcome in outcomes:
             pipeline.record(outcome, latency)
@@ -241,6 +246,26 @@ async def in_daemon_thread(fn: Callable[[], None], name: str) -> None:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     await done
+
+
+def _mask_document(pipeline: ClassificationPipeline, document: str) -> tuple[str, list[documents.Mask]]:
+    """The document with its PII masked, found with the whole document as context, and where each mask sits."""
+    try:
+        spans = pipeline.guard.detect(document)
+    except Exception as exc:  # fail closed, as the batch path does
+        logger.exception("PII guard failed on a document of %d characters", len(document))
+        raise ItemFailedError(guard_failed(exc)) from None
+    return pipeline.guard.mask(document, spans).redacted_text, documents.masks_after_masking(spans)
+
+
+def with_document_pii(outcome: ItemOutcome, types: list[str]) -> ItemOutcome:
+    """``outcome`` whose guardrail record also counts the PII masked in its text before the document was split."""
+    g = outcome.guardrail
+    if g is None or not types:
+        return outcome
+    merged = g.model_copy(update={"pii_detected": True, "pii_types": sorted({*g.pii_types, *types}),
+                                  "pii_count": g.pii_count + len(types)})
+    return dataclasses.replace(outcome, guardrail=merged)
 
 
 def _fit_sentences(pipeline: ClassificationPipeline, sentences: list[str], max_chars: int) -> list[tuple[str, bool]]:
