@@ -146,11 +146,18 @@ def test_uvicorn_access_lines_are_redacted_in_the_shape_its_formatter_unpacks(gu
     try:
         for query in (f"contact={SECRETS[2]}", f"ref={SECRETS[0]}"):  # an email after "?" once went unmasked
             log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5555", "POST", f"/v1/classify?{query}", "1.1", 200)
+        for path in ("/v1/classify?card=4111+1111+1111+1111", "/4111%201111%201111%201111",  # as clients encode
+                     "/v1/classify?mail=anna.virtanen%2Bir%40example.com", "/v1/classify?ssn=536%2D22%2D8145"):
+            log.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5555", "GET", path, "1.1", 404)
     finally:
         uninstall()
         log.removeHandler(handler)
     lines = buffer.getvalue().splitlines()
     _assert_clean(buffer.getvalue())
     # the address pattern takes the query's "?" and "/" as part of the local part: the whole path goes
-    assert lines == ['127.0.0.1:5555 - "POST /<EMAIL_ADDRESS> HTTP/1.1" 200 OK',
-                     '127.0.0.1:5555 - "POST /v1/classify?ref=<US_SSN> HTTP/1.1" 200 OK']
+    assert lines[:2] == ['127.0.0.1:5555 - "POST /<EMAIL_ADDRESS> HTTP/1.1" 200 OK',
+                         '127.0.0.1:5555 - "POST /v1/classify?ref=<US_SSN> HTTP/1.1" 200 OK']
+    assert lines[2:] == ['127.0.0.1:5555 - "GET /v1/classify?card=<CREDIT_CARD> HTTP/1.1" 404 Not Found',
+                         '127.0.0.1:5555 - "GET /<CREDIT_CARD> HTTP/1.1" 404 Not Found',
+                         '127.0.0.1:5555 - "GET /<EMAIL_ADDRESS> HTTP/1.1" 404 Not Found',
+                         '127.0.0.1:5555 - "GET /v1/classify?ssn=<US_SSN> HTTP/1.1" 404 Not Found']

@@ -43,10 +43,15 @@ PII_CASES = [
     ("CREDIT_CARD", "Card 4111\n1111\n1111\n1111 on file.", "4111\n1111\n1111\n1111"),
     ("CREDIT_CARD", "Cards on file:\n+ 4111 1111 1111 1111", "4111 1111 1111 1111"),
     ("US_SSN", "SSN 219\u201309\u20139999 on file.", "219\u201309\u20139999"),
+    ("US_SSN", "SSN 219\u221209\u22129999 on file.", "219\u221209\u22129999"),  # minus signs, as a word processor sets
+    ("CREDIT_CARD", "Card 4111\u22121111\u22121111\u22121111 on file.", "4111\u22121111\u22121111\u22121111"),
     ("IBAN_CODE", "IBAN DE89\n3704\n0044\n0532\n0130\n00 on file.", "DE89\n3704\n0044\n0532\n0130\n00"),
     ("CREDIT_CARD", "Pay 4111.1111.1111.1111 today.", "4111.1111.1111.1111"),
     ("CREDIT_CARD", "Amex 3782.822463.10005 paid the fee.", "3782.822463.10005"),
     ("IBAN_CODE", "Refund to iban de89 3704 0044 0532 0130 00 please.", "de89 3704 0044 0532 0130 00"),
+    # a bank code of letters (British, Dutch IBANs), in lower and mixed case
+    ("IBAN_CODE", "Refund to iban gb82 west 1234 5698 7654 32 please.", "gb82 west 1234 5698 7654 32"),
+    ("IBAN_CODE", "Pay Nl91 Abna 0417 1643 00 by Friday.", "Nl91 Abna 0417 1643 00"),
     ("IBAN_CODE", "Transfer EUR 1,200 to DE89 3704 0044 0532 0130 00 by Friday.", "DE89 3704 0044 0532 0130 00"),
     ("IBAN_CODE", "Refund to FI2112345600000785 please.", "FI2112345600000785"),
     ("ACCOUNT_NUMBER", "Wire USD 25,000 to account 0012345678 today.", "0012345678"),
@@ -129,8 +134,10 @@ def test_output_checks_flag_low_confidence_and_invalid_labels(guard: PIIGuard) -
     result = guard.redact("Profit rose 5 %.")
     confident = guard.check_output(result, "positive", 0.91)
     assert (confident.low_confidence, confident.invalid_label) == (False, False)
-    doubtful = guard.check_output(result, "Positive ", 0.59)
+    doubtful = guard.check_output(result, "positive", 0.59)
     assert (doubtful.low_confidence, doubtful.invalid_label) == (True, False)
+    padded = guard.check_output(result, "Positive ", 0.91)
+    assert padded.invalid_label is True  # as the pipeline judges it: a label is answered as it is
     free_text = guard.check_output(result, "The sentiment is bullish", 0.99)
     assert free_text.invalid_label is True
     assert result.low_confidence is None  # the original is unchanged (frozen)

@@ -182,6 +182,13 @@ def test_bad_input_is_a_clear_4xx_and_the_service_stays_healthy(
     assert client.post("/v1/classify", json={"text": "Net sales rose."}).json()["label"] == "positive"
 
 
+def test_an_unknown_field_is_not_quoted_back_it_may_be_pii(client: TestClient) -> None:
+    response = client.post("/v1/classify", json={"text": "ok", "john.doe@example.com 536-22-8145": 1})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message == "<unknown field>: Extra inputs are not permitted"
+
+
 def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PIIGuard) -> None:
     settings = with_serving(serving_settings, api_key="s3cret-key")
     with make_client(settings, guard) as client:

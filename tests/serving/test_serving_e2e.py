@@ -81,10 +81,15 @@ def test_no_pii_in_the_server_log(clean_server: Server) -> None:
     with httpx.Client(base_url=clean_server.url, timeout=30, headers=AUTH) as http:
         assert http.post("/v1/classify", json={"text": PII_TEXT}).status_code == 200
         assert http.post("/v1/classify", json={"text": PII_TEXT + "\u0000"}).status_code == 422
+        # the access log quotes the path as sent: PII in a query string, percent- or plus-encoded
+        assert http.post("/v1/classify?card=4111+1111+1111+1111&mail=john.doe%40example.com",
+                         json={"text": "Sales rose."}).status_code == 200
     time.sleep(0.3)
     log = clean_server.log()
     assert "Application startup complete" in log and "POST /v1/classify" in log
+    assert "card=<CREDIT_CARD>" in log  # the access line is there, masked
     _no_pii(log)
+    assert "4111+1111" not in log and "john.doe%40" not in log
 
 
 def test_degraded_under_injected_faults_then_recovery_and_graceful_shutdown(

@@ -110,7 +110,7 @@ class PIIGuard:
         return result.model_copy(
             update={
                 "low_confidence": confidence < self.settings.low_confidence_threshold,
-                "invalid_label": label.strip().lower() not in set(labels),
+                "invalid_label": label not in set(labels),  # exactly: the service answers this very string
             }
         )
 
@@ -158,13 +158,17 @@ def for_detection(text: str) -> str:
     return text if not _UNUSUAL.search(text) else _UNUSUAL.sub(_plain, text)
 
 
+_MINUS_SIGNS = "\u2212\u2043"
+"""The minus sign and the hyphen bullet: typed between digits like a dash, though not dashes ("Pd") to Unicode."""
+
+
 def _plain(match: re.Match[str]) -> str:
     """The ASCII stand-in of one character, or the character itself."""
     char = match.group()
     category = unicodedata.category(char)
     if category in ("Zs", "Zl", "Zp") or char in "\t\n\r\v\f\x1c\x1d\x1e\x85":
         return " "
-    if category == "Pd":
+    if category == "Pd" or char in _MINUS_SIGNS:
         return "-"
     if category == "Nd":
         return str(unicodedata.digit(char))

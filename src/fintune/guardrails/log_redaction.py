@@ -10,8 +10,10 @@ the guard fails on is withheld, never passed on unredacted, and the logging call
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import traceback
+import urllib.parse
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -65,16 +67,34 @@ def _extra_fields(record: logging.LogRecord) -> list[str]:
 def _redact_extra(record: logging.LogRecord, guard: PIIGuard) -> None:
     """Mask PII in the text of every ``extra`` field (a formatter may print any of them)."""
     for name in _extra_fields(record):
-        text = str(getattr(record, name))
-        if may_hold_pii(text):
-            result = guard.redact(text)
-            if result.pii_detected:
-                setattr(record, name, result.redacted_text)
+        masked, found = mask(str(getattr(record, name)), guard)
+        if found:
+            setattr(record, name, masked)
 
 
 def may_hold_pii(text: str) -> bool:
     """False only for text no recognizer can match: every supported entity needs a digit or an "@"."""
     return "@" in text or any(ch.isdigit() for ch in text)
+
+
+_URL_ENCODED = re.compile(r"%[0-9A-Fa-f]{2}|(?<=[0-9A-Za-z])\+(?=[0-9A-Za-z])")
+"""A percent escape, or a ``+`` standing for a space between two characters (a query string's ``4111+1111``)."""
+
+
+def mask(text: str, guard: PIIGuard) -> tuple[str, bool]:
+    """``text`` with its PII masked, and whether it held any. What remains URL-encoded once that is done (an access
+    log quotes the path and query string as sent: ``john.doe%40example.com``, ``card=4111+1111+1111+1111``) is
+    decoded and masked again; when that finds PII, the decoded form, masked, is what is logged."""
+    if not may_hold_pii(text):
+        return text, False
+    result = guard.redact(text)
+    masked, found = result.redacted_text, result.pii_detected
+    if _URL_ENCODED.search(masked):
+        decoded = urllib.parse.unquote(_URL_ENCODED.sub(lambda m: " " if m.group() == "+" else m.group(), masked))
+        again = guard.redact(decoded) if may_hold_pii(decoded) else None
+        if again is not None and again.pii_detected:
+            return again.redacted_text, True
+    return masked, found
 
 
 def _redact_message(record: logging.LogRecord, guard: PIIGuard) -> None:
@@ -83,11 +103,9 @@ def _redact_message(record: logging.LogRecord, guard: PIIGuard) -> None:
         message = record.getMessage()
     except (TypeError, ValueError):  # a malformed %-format: redact the template and the arguments' text
         message = f"{record.msg} {record.args}"
-    if not may_hold_pii(message):
-        return
-    result = guard.redact(message)
-    if result.pii_detected and not _redact_arguments(record, guard):
-        record.msg, record.args = result.redacted_text, None
+    masked, found = mask(message, guard)
+    if found and not _redact_arguments(record, guard):
+        record.msg, record.args = masked, None
 
 
 def _redact_arguments(record: logging.LogRecord, guard: PIIGuard) -> bool:
@@ -96,13 +114,12 @@ def _redact_arguments(record: logging.LogRecord, guard: PIIGuard) -> bool:
     PII in the message."""
     if not isinstance(record.args, tuple) or not record.args:
         return False
-    masked = tuple(guard.redact(arg).redacted_text if isinstance(arg, str) and may_hold_pii(arg) else arg
-                   for arg in record.args)
+    masked = tuple(mask(arg, guard)[0] if isinstance(arg, str) else arg for arg in record.args)
     try:
         merged = record.msg % masked
     except (TypeError, ValueError):
         return False
-    if may_hold_pii(merged) and guard.redact(merged).pii_detected:  # PII in the template, or across arguments
+    if mask(merged, guard)[1]:  # PII in the template, or across arguments
         return False
     record.args = masked
     return True
@@ -113,9 +130,9 @@ def _redact_exception(record: logging.LogRecord, guard: PIIGuard) -> None:
     if record.exc_info and not record.exc_text:
         record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
     if record.exc_text:
-        record.exc_text = guard.redact(record.exc_text).redacted_text
+        record.exc_text = mask(record.exc_text, guard)[0]
     if record.stack_info:
-        record.stack_info = guard.redact(record.stack_info).redacted_text
+        record.stack_info = mask(record.stack_info, guard)[0]
 
 
 class PIIRedactingFilter(logging.Filter):

@@ -123,19 +123,24 @@ class DottedCardRecognizer(FinancialCreditCardRecognizer):
 
 
 class CaseBlindIbanRecognizer(IbanRecognizer):
-    """Presidio's IBAN recognizer (format and check digits), also for IBANs typed in lower case ("de89 3704 ...").
+    """Presidio's IBAN recognizer (format and check digits), also for IBANs typed in lower or mixed case
+    ("de89 3704 ...", "gb82 west 1234 ...").
 
-    Only words that hold a digit are upper-cased for it, one ASCII letter for one, so offsets are unchanged and
-    ordinary words never join a candidate."""
+    Only what could be an IBAN is upper-cased for it, one ASCII letter for one, so offsets are unchanged: a word
+    that holds a digit, and the letters-only groups right after a country code and check digits (a bank code such
+    as "west" or "abna"); other words stay as they are and never join a candidate."""
 
     def analyze(
         self, text: str, entities: list[str], nlp_artifacts: NlpArtifacts | None = None, regex_flags: int | None = None
     ) -> list[RecognizerResult]:
         """Presidio's matches in the text with its alphanumeric words upper-cased."""
-        return super().analyze(_WORD_WITH_DIGIT.sub(_ascii_upper, text), entities, nlp_artifacts, regex_flags)
+        upper = _IBAN_START.sub(_ascii_upper, _WORD_WITH_DIGIT.sub(_ascii_upper, text))
+        return super().analyze(upper, entities, nlp_artifacts, regex_flags)
 
 
 _WORD_WITH_DIGIT = re.compile(r"\b(?=[A-Za-z]*\d)[A-Za-z0-9]+\b")
+_IBAN_START = re.compile(r"\b[A-Za-z]{2}\d{2}(?:[ -]?[A-Za-z]{4}\b)?")
+"""A country code and check digits, with a letters-only bank code group after them (British, Dutch IBANs)."""
 _ASCII_UPPER = str.maketrans(string.ascii_lowercase, string.ascii_uppercase)
 
 

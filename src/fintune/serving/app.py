@@ -108,7 +108,10 @@ def _readable(errors: Any) -> tuple[int, str, str]:
         return 400, "invalid_json", "request body is not valid JSON (raw control characters must be escaped)"
     parts = []
     for e in errors:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+        loc = [p for p in e.get("loc", ()) if p != "body"]
+        if e.get("type") == "extra_forbidden" and loc:  # the client's own key, which may quote anything, PII too
+            loc[-1] = "<unknown field>"
+        where = ".".join(str(p) for p in loc) or "body"
         parts.append(f"{where}: {e.get('msg', 'invalid')}")
     return 422, "invalid_request", "; ".join(parts)
 
