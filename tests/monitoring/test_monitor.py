@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 
 from fintune.config import MonitoringSettings, ReliabilitySettings
 from fintune.monitoring import DriftBaseline, SystemMonitor, health_components
+from fintune.monitoring.drift import DriftReport
 from fintune.reliability import CircuitBreaker, RecoveryManager
 
 LABELS = ("negative", "neutral", "positive")
@@ -147,7 +148,8 @@ def test_snapshot_is_json_and_prometheus_has_every_metric() -> None:
     assert set(snap) >= {"requests", "latency_s", "throughput_rps", "errors", "predictions", "drift", "health",
                          "breaker_state", "pii_detections", "fallbacks"}
     assert snap["predictions"]["distribution"] == {"positive": 1.0}
-    assert snap["drift"]["state"] == "no_baseline"
+    assert snap["drift"]["state"] == "no_baseline" and snap["drift"]["threshold"] == 0.15
+    assert set(snap["drift"]) == set(DriftReport.__dataclass_fields__) | {"drifted"}  # one shape, baseline or not
     assert snap["pii_detections"] == {"EMAIL_ADDRESS": 2} and snap["fallbacks"] == {"encoder": 1}
 
     text = generate_latest(monitor.prometheus_registry).decode()

@@ -360,6 +360,12 @@ def test_trip_and_reset_by_hand() -> None:
     assert breaker.state is BreakerState.CLOSED
     assert breaker.call(lambda: 1) == 1
 
+    model = FlakyModel(failures=10)
+    fail_times(breaker, model, 4)  # one short of the threshold
+    breaker.reset()  # already CLOSED: the streak goes all the same
+    fail_times(breaker, model, 4)
+    assert breaker.state is BreakerState.CLOSED
+
 
 def test_listeners_hear_transitions_in_order_when_threads_race() -> None:
     """A later transition queued by another thread waits until the earlier one reached every listener."""

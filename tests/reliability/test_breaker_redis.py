@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fintune.config import ReliabilitySettings
-from fintune.errors import CircuitOpenError
-from fintune.reliability import BreakerState, CircuitBreaker, RedisStorage
+from fintune.config import RecoverySettings, ReliabilitySettings
+from fintune.errors import CircuitOpenError, RecoveryError
+from fintune.reliability import BreakerState, CircuitBreaker, RecoveryManager, RedisStorage
 
 redis = pytest.importorskip("redis", reason="the shared breaker storage needs redis-py: pip install 'fintune[redis]'")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -94,6 +94,31 @@ for _ in range(int(sys.argv[3])):
     breaker.call(lambda: None)
 print(breaker.state.value)
 """
+
+
+def test_one_workers_failed_reload_neither_opens_the_fleets_breaker_nor_retries_per_call(redis_url: str) -> None:
+    key, clock = f"test:{uuid.uuid4()}", ManualClock()
+    loads: list[str] = []
+
+    def broken_loader() -> str:
+        loads.append("try")
+        raise RuntimeError("weights missing on this node")
+
+    settings = RecoverySettings(oom_max_attempts=1, oom_backoff_max_s=60.0)
+    sick = RecoveryManager(broken_loader, settings, breaker=breaker_on(redis_url, key, clock), sleep=lambda s: None,
+                           clock=clock)
+    fleet = breaker_on(redis_url, key, clock)
+    healthy = RecoveryManager(lambda: "model", settings, breaker=fleet, sleep=lambda s: None, clock=clock)
+    for _ in range(10):  # twice the failure threshold
+        with pytest.raises(RecoveryError):
+            sick.call(lambda model: model)
+    assert fleet.state is BreakerState.CLOSED and fleet.snapshot()["consecutive_failures"] == 0
+    assert healthy.call(str.upper) == "MODEL"
+    assert len(loads) == 1  # the sick worker retries once per backoff cap, not on every call
+    clock.now += 61.0
+    with pytest.raises(RecoveryError):
+        sick.call(lambda model: model)
+    assert len(loads) == 2
 
 
 def test_processes_and_threads_lose_no_update(redis_url: str) -> None:

@@ -5,6 +5,8 @@ The other process is this test, holding a breaker on the same key, as another wo
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -41,4 +43,18 @@ def test_a_breaker_opened_elsewhere_stops_the_service_and_its_reset_frees_it(
         elsewhere.reset("the other worker's trial succeeded")
         assert http.get("/readyz").status_code == 200
         assert not http.post("/v1/classify", json={"text": "Net sales rose 7 %."}).json()["degraded"]
+
+        # a process died holding the record's lock: reading the breaker waits until the lock expires (2 s here),
+        # in a worker thread, while the event loop goes on answering
+        redis_client = elsewhere.storage.client  # type: ignore[attr-defined]
+        redis_client.set(f"{key}:lock", "a dead process's token", px=2000)
+        finished: list[str] = []
+        waiting = threading.Thread(target=lambda: finished.append(f"readyz {http.get('/readyz').status_code}"))
+        waiting.start()
+        time.sleep(0.3)
+        with httpx.Client(base_url=server.url, timeout=30) as other:
+            assert other.get("/openapi.json").status_code == 200
+        finished.append("openapi")
+        waiting.join(timeout=30)
+        assert finished == ["openapi", "readyz 200"]
     assert elsewhere.state is BreakerState.CLOSED and elsewhere.snapshot()["successes"] == 2

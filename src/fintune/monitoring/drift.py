@@ -64,6 +64,7 @@ BASELINE_VERSION = 1
 class DriftState(StrEnum):
     """Where the detector stands."""
 
+    NO_BASELINE = "no_baseline"  # nothing to compare with: no detector runs (snapshots only)
     WARMING_UP = "warming_up"
     STABLE = "stable"
     DRIFTED = "drifted"
@@ -291,8 +292,11 @@ class DriftDetector:
         )
 
 
-def describe(report: DriftReport | None) -> Mapping[str, Any]:
-    """A compact JSON form of a report for snapshots (``{"state": "no_baseline"}`` without one)."""
-    if report is None:
-        return {"state": "no_baseline", "kl": None, "psi": None, "js_distance": None}
-    return report.as_dict()
+def describe(report: DriftReport | None, settings: MonitoringSettings | None = None) -> Mapping[str, Any]:
+    """The JSON form of a report for snapshots; without one (no baseline) the same keys, state ``no_baseline``,
+    the thresholds of ``settings`` and nothing measured."""
+    if report is not None:
+        return report.as_dict()
+    s = settings or MonitoringSettings()
+    return DriftReport(DriftState.NO_BASELINE, None, None, None, 0, s.drift_threshold, s.drift_recovery_threshold,
+                       s.drift_min_samples).as_dict()

@@ -270,7 +270,7 @@ class SystemMonitor:
                 "counts": predictions,
                 "distribution": {k: v / n_pred for k, v in predictions.items()} if n_pred else {},
             },
-            drift=describe(self.drift_report()),
+            drift=describe(self.drift_report(), self.settings),
             health=self.health(),
             breaker_state=self._breaker_state,
             extra={"pii_detections": pii, "fallbacks": fallbacks},

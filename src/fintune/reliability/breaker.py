@@ -301,6 +301,7 @@ class CircuitBreaker:
         with self.storage.transaction() as rec:
             if rec.state is not BreakerState.CLOSED:
                 self._transition(rec, BreakerState.CLOSED, reason, self.clock())
+            rec.consecutive_failures = 0  # already CLOSED too: the streak is what a reset clears
         self._notify()
 
     def retry_after_s(self) -> float:

@@ -151,10 +151,17 @@ class RecoveryManager(Generic[M]):
         return self._model
 
     def _retry_due(self) -> bool:
-        """Whether a missing model may be loaded now: the breaker gates retries; without one, one per backoff cap."""
-        if self._failed_at is None or self.breaker is not None:
+        """Whether a missing model may be loaded now: a breaker of this process's own gates retries; without one,
+        or with one shared by other processes, one retry per backoff cap."""
+        if self._failed_at is None or self._breaker_is_ours():
             return True
         return self.clock() - self._failed_at >= self.settings.oom_backoff_max_s
+
+    def _breaker_is_ours(self) -> bool:
+        """Whether there is a breaker and only this process uses it. A shared breaker (Redis) speaks for every
+        worker: one worker's failed reload must neither open it nor have that worker's missing model count as the
+        fleet's failures."""
+        return self.breaker is not None and not self.breaker.storage.shared
 
     def call(self, fn: Callable[[M], R]) -> R:
         """Run ``fn(model)`` (through the breaker when there is one); on OOM recover, then re-raise.
@@ -177,7 +184,9 @@ class RecoveryManager(Generic[M]):
 
         if self.breaker is None:
             return run()
-        if self._model is None and self.breaker.state is not BreakerState.OPEN:
+        if not self._breaker_is_ours():
+            self.model  # noqa: B018  a missing model fails here, outside the fleet's breaker (RecoveryError)
+        elif self._model is None and self.breaker.state is not BreakerState.OPEN:
             self._load_quietly()  # outside the breaker: loading is not the (possibly slow-limited) trial call
         return self.breaker.call(run)
 
@@ -229,9 +238,9 @@ class RecoveryManager(Generic[M]):
             return self._report(RecoveryOutcome(event, True, attempts, self.clock() - start, None, details))
         self._generation += 1  # threads that failed on the old model must not reload again
         self._failed_at = self.clock()
-        if self.breaker is not None:
-            self.breaker.trip(f"model reload failed {attempts} time(s)")
-        details = {"reason": reason, "freed": freed, "breaker_tripped": self.breaker is not None}
+        if self._breaker_is_ours():
+            self.breaker.trip(f"model reload failed {attempts} time(s)")  # type: ignore[union-attr]
+        details = {"reason": reason, "freed": freed, "breaker_tripped": self._breaker_is_ours()}
         return self._report(RecoveryOutcome(event, False, attempts, self.clock() - start, last_error, details))
 
     def _delays(self) -> list[float]:

@@ -1,5 +1,8 @@
 """GET /healthz (the process is alive) and GET /readyz (model loaded and breaker not open); both open, both also
-answer HEAD (uptime probes that send HEAD would otherwise read 405 as down)."""
+answer HEAD (uptime probes that send HEAD would otherwise read 405 as down).
+
+The handlers are plain functions, which FastAPI runs in its thread pool: reading a shared breaker is a Redis call
+(up to seconds when Redis is slow or its lock is held) and must not stall the event loop."""
 
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ def _body(services: Services, status: str, request_id: str) -> dict:
 # operationIds (healthz_healthz_get, healthz_healthz_head) instead of one id twice.
 @router.get("/healthz", response_model=HealthResponse, summary="Liveness")
 @router.head("/healthz", response_model=HealthResponse, summary="Liveness")
-async def healthz(
+def healthz(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> dict:
     """200 while the process serves HTTP."""
@@ -43,7 +46,7 @@ async def healthz(
 
 @router.get("/readyz", response_model=HealthResponse, responses=_NOT_READY, summary="Readiness")
 @router.head("/readyz", response_model=HealthResponse, responses=_NOT_READY, summary="Readiness")
-async def readyz(
+def readyz(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> JSONResponse:
     """200 when the model is loaded and the breaker is not open, else 503."""

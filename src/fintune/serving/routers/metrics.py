@@ -1,4 +1,6 @@
-"""GET /metrics (Prometheus text format) and GET /metrics/json (the monitor's snapshot plus serving state)."""
+"""GET /metrics (Prometheus text format) and GET /metrics/json (the monitor's snapshot plus serving state).
+
+Plain functions, run in FastAPI's thread pool: both read the breaker, a Redis call when it is shared."""
 
 from __future__ import annotations
 
@@ -16,13 +18,13 @@ router = APIRouter(tags=["metrics"])
 
 @router.get("/metrics", response_class=Response, summary="Prometheus metrics",
             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
+def metrics(services: Annotated[Services, Depends(get_services)]) -> Response:
     """The monitor's registry in Prometheus text format."""
     return Response(generate_latest(services.current_monitor().prometheus_registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics/json", response_model=MetricsSnapshot, summary="Monitor snapshot (JSON)")
-async def metrics_json(
+def metrics_json(
     services: Annotated[Services, Depends(get_services)], request_id: Annotated[str, Depends(get_request_id)]
 ) -> dict[str, Any]:
     """Requests, latency percentiles, errors, predictions, drift, health score, breaker, batching."""
