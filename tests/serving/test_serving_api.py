@@ -6,6 +6,7 @@ baseline are real, and model faults come from the real ``serving.faults`` settin
 
 from __future__ import annotations
 
+import asyncio
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -369,6 +370,36 @@ def test_requests_abandoned_by_their_clients_cost_no_model_time(serving_settings
         thread.join(timeout=10)
     abandoned = [text for text in model.seen if text.startswith("abandoned")]
     assert len(abandoned) <= 1, abandoned  # at most the one already in the model when its client left
+
+
+def test_a_model_that_fails_to_load_at_boot_is_loaded_again_and_served(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    recovery = serving_settings.reliability.recovery.model_copy(update={"oom_backoff_s": 0.5})  # then 1 s
+    settings = serving_settings.model_copy(update={"reliability": serving_settings.reliability.model_copy(
+        update={"recovery": recovery})})
+    attempts: list[int] = []
+
+    def flaky_loader() -> KeywordClassifier:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise MemoryError("out of memory while loading")  # a transient failure at boot
+        return KeywordClassifier()
+
+    with make_client(settings, guard, classifier=flaky_loader) as client:
+        services = client.app.state.services  # type: ignore[attr-defined]
+        client.portal.call(services.wait_until_loaded)  # the first attempt
+        first = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
+
+        async def loaded() -> None:
+            await asyncio.shield(services._model_task)
+
+        client.portal.call(loaded)  # until the retries have loaded it
+        ready = client.get("/readyz")
+        answer = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
+    assert first["degraded"] is True  # answered from the baseline meanwhile
+    assert len(attempts) == 3 and ready.status_code == 200
+    assert answer["degraded"] is False and answer["label"] == "positive"
 
 
 def test_shutdown_does_not_wait_for_a_model_still_loading(serving_settings: Settings, guard: PIIGuard) -> None:

@@ -185,7 +185,7 @@ class ModelSlot:
             model=model,
         )
         self.tag = ModelTag(model.name, model.profile, model.version)
-        self.state = "ready"
+        self.state, self.error = "ready", None
         logger.info("model ready: %s (%s, %s)", model.name, model.profile, model.version)
 
     @property

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fintune.config import Settings
@@ -64,6 +65,7 @@ class Services:
     batcher: MicroBatcher[str, ItemOutcome] | None = None
     api_key: ApiKeyChecker | None = None
     _model_task: asyncio.Task[None] | None = None
+    _first_load_done: asyncio.Event = field(default_factory=asyncio.Event)
     _uninstall_redaction: Callable[[], None] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -114,8 +116,19 @@ class Services:
             self._uninstall_redaction = install_log_redaction(self.guard)  # type: ignore[arg-type]
 
     async def _load_model(self, slot: ModelSlot) -> None:
-        """Load the model off the event loop; then wire drift detection when a baseline file exists."""
-        await in_daemon_thread(slot.load, "fintune-model-load")
+        """Load the model off the event loop, and again with backoff while that fails (a transient failure at
+        boot, out of memory say, must not leave the service not ready for good; meanwhile it answers degraded);
+        then wire drift detection when a baseline file exists."""
+        r = self.settings.reliability.recovery
+        for attempt in itertools.count():
+            if attempt:
+                delay = min(r.oom_backoff_s * r.oom_backoff_factor ** (attempt - 1), r.oom_backoff_max_s)
+                logger.warning("model load failed (%s); trying again in %.1f s", slot.error, delay)
+                await asyncio.sleep(delay)
+            await in_daemon_thread(slot.load, "fintune-model-load")
+            self._first_load_done.set()
+            if slot.ready:
+                break
         if slot.recovery is not None:
             self.monitor.on_drift(slot.recovery.handle_drift)
             try:
@@ -130,9 +143,9 @@ class Services:
         return self.monitor
 
     async def wait_until_loaded(self) -> None:
-        """Return once the background model load has finished (ready or failed)."""
+        """Return once the first background model load has finished (ready, or failed and to be retried)."""
         if self._model_task is not None:
-            await asyncio.shield(self._model_task)
+            await self._first_load_done.wait()
 
     # ---- requests ------------------------------------------------------------------------------------------
     def _parts(self) -> tuple[ClassificationPipeline, MicroBatcher[str, ItemOutcome]]:
