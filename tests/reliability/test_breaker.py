@@ -238,10 +238,13 @@ def test_a_shared_breaker_times_calls_on_a_monotonic_clock_not_the_wall_clock(mo
     class SharedMemory(MemoryStorage):
         shared = True  # as RedisStorage: records keep wall-clock times
 
+        def now(self) -> float:
+            return time.time()
+
     wall = ManualClock()
     monkeypatch.setattr(time, "time", wall)
     breaker = CircuitBreaker(storage=SharedMemory(), slow_call_limit_s=5.0, failure_threshold=1)
-    assert breaker.clock is wall  # the record's times: wall clock
+    assert breaker.clock() == wall()  # the record's times: the storage's wall clock
 
     def fast_while_ntp_steps_the_clock() -> str:
         wall.advance(60)

@@ -164,8 +164,21 @@ def test_a_process_dying_in_its_trial_does_not_wedge_the_others(redis_url: str) 
 
 def test_a_shared_breaker_keeps_wall_clock_times() -> None:
     storage = RedisStorage(redis.Redis(port=free_port()), "unused")
-    assert CircuitBreaker(storage=storage).clock is time.time
-    assert CircuitBreaker().clock is time.monotonic  # in memory: monotonic, as before
+    assert CircuitBreaker(storage=storage).clock == storage.now and abs(storage.now() - time.time()) < 1
+    assert CircuitBreaker().clock() == pytest.approx(time.monotonic(), abs=1)  # in memory: monotonic, as before
+
+
+def test_machines_whose_clocks_disagree_judge_the_shared_record_by_the_redis_clock(redis_url: str) -> None:
+    key = f"test:{uuid.uuid4()}"
+    client = redis.Redis.from_url(redis_url)
+    ahead = CircuitBreaker(storage=RedisStorage(client, key, wall=lambda: time.time() + 31.0), recovery_timeout_s=30)
+    behind = CircuitBreaker(storage=RedisStorage(client, key, wall=lambda: time.time() - 120.0),
+                            recovery_timeout_s=30)
+    for _ in range(5):
+        with pytest.raises(ConnectionError):
+            behind.call(failing)
+    assert ahead.state is BreakerState.OPEN  # its own clock would say the 30 s timeout is over: HALF_OPEN
+    assert 29.0 < behind.retry_after_s() <= 30.0  # its own clock would say 150 s
 
 
 def test_without_redis_each_process_keeps_its_own_breaker_until_redis_is_back(
@@ -278,10 +291,12 @@ def test_a_transaction_sends_lock_read_write_unlock_and_a_read_only_one_writes_n
         after = command_counts(server)
         return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
 
-    # a call is two transactions (admit, then record), each a lock + read pipeline (SET NX, GET) and a write +
-    # unlock pipeline (SET, then an EVAL whose script runs GET and DEL); INFO is the count's own
-    assert sent_by(lambda: breaker.call(lambda: None)) == {"set": 4, "get": 4, "eval": 2, "del": 2, "info": 1}
-    assert sent_by(lambda: breaker.state) == {"set": 1, "get": 2, "eval": 1, "del": 1, "info": 1}  # no write
+    # a call is two transactions (admit, then record), each a lock + read pipeline (SET NX, GET, TIME: the shared
+    # clock) and a write + unlock pipeline (SET, then an EVAL whose script runs GET and DEL); INFO is the count's own
+    assert sent_by(lambda: breaker.call(lambda: None)) == {"set": 4, "get": 4, "time": 2, "eval": 2, "del": 2,
+                                                         "info": 1}
+    assert sent_by(lambda: breaker.state) == {"set": 1, "get": 2, "time": 1, "eval": 1, "del": 1,
+                                              "info": 1}  # no write
     assert server.get(f"{key}:lock") is None  # released
     assert json.loads(server.get(key))["successes"] == 1
 

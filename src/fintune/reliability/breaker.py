@@ -217,7 +217,7 @@ class CircuitBreaker:
         self.counted = counted
         self.ignored = ignored
         self.storage: BreakerStorage = storage or MemoryStorage()
-        self.clock: Clock = clock or (time.time if self.storage.shared else time.monotonic)
+        self.clock: Clock = clock or self.storage.now  # shared: the Redis server's wall clock
         # call durations: never the wall clock a shared record needs (an NTP step would make a fast call slow)
         self.timer: Clock = clock or time.monotonic
         self._listeners: list[Listener] = list(listeners)

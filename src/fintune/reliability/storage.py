@@ -11,10 +11,11 @@ script, as redis-py's :class:`redis.lock.Lock` does) around a read and a write o
 ``fintune serve --workers N``, or the replicas of ``fintune classify --engine ray`` on several machines, open and
 close one breaker together. Taking the lock and reading the value travel in one pipeline, as do writing the value
 and releasing the lock: two round trips a transaction, where redis-py's lock takes four; a block that changed
-nothing writes nothing. Times in a shared record are wall-clock seconds (``time.time``): a monotonic clock means
-nothing in another process. When Redis cannot be reached the storage does not fail the model call: it logs a
-warning once and keeps a record of its own in memory (starting from the last one it saw), trying Redis again every
-``retry_interval_s`` (5 s) until it answers; each process then protects itself, as with
+nothing writes nothing. Times in a shared record are wall-clock seconds on the Redis server's clock (``TIME``,
+read in the lock's round trip): a monotonic clock means nothing in another process, and two machines' wall clocks
+may disagree by more than a recovery timeout. When Redis cannot be reached the storage does not fail the model
+call: it logs a warning once and keeps a record of its own in memory (starting from the last one it saw), trying
+Redis again every ``retry_interval_s`` (5 s) until it answers; each process then protects itself, as with
 :class:`MemoryStorage`.
 """
 
@@ -27,7 +28,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -102,6 +103,10 @@ class BreakerStorage(Protocol):
         """Exclusive use of the record for one block; its changes are kept when the block ends."""
         ...
 
+    def now(self) -> float:
+        """The time the record's times are in: every process sharing the record must read the same clock."""
+        ...
+
 
 class MemoryStorage:
     """The record in this process, guarded by a thread lock (the default)."""
@@ -116,6 +121,10 @@ class MemoryStorage:
     def transaction(self) -> MemoryStorage:
         """The record itself, changed in place, under the lock (a plain context manager: microseconds count)."""
         return self
+
+    def now(self) -> float:
+        """This process's monotonic clock (no other process reads the record)."""
+        return time.monotonic()
 
     def __enter__(self) -> BreakerRecord:
         """Take the lock; the record."""
@@ -133,11 +142,15 @@ class RedisStorage:
     shared = True
 
     def __init__(
-        self, client: redis.Redis, key: str, *, lock_timeout_s: float = 5.0, retry_interval_s: float = 5.0
+        self, client: redis.Redis, key: str, *, lock_timeout_s: float = 5.0, retry_interval_s: float = 5.0,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         """Keep the record under ``key`` (and its lock under ``key + ':lock'``) in the Redis ``client`` talks to;
-        after a Redis failure, try Redis again only every ``retry_interval_s`` (meanwhile: the own record)."""
+        after a Redis failure, try Redis again only every ``retry_interval_s`` (meanwhile: the own record).
+        ``wall``: this machine's wall clock, corrected to the Redis server's (injected in tests)."""
         self.client = client
+        self.wall = wall
+        self._skew = 0.0  # the Redis server's clock minus this machine's, as of the last transaction
         self.key = key
         self.lock_timeout_s = lock_timeout_s
         self.retry_interval_s = retry_interval_s
@@ -156,6 +169,11 @@ class RedisStorage:
             raise ConfigError(_REDIS_HINT) from exc
         client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         return cls(client, key, **kwargs)
+
+    def now(self) -> float:
+        """Wall-clock seconds on the Redis server's clock (read with each lock, in the same round trip), so that
+        machines whose clocks disagree judge the shared record's times alike; this machine's clock until then."""
+        return self.wall() + self._skew
 
     @contextmanager
     def transaction(self) -> Iterator[BreakerRecord]:
@@ -201,9 +219,12 @@ class RedisStorage:
 
         give_up_at = time.monotonic() + self.lock_timeout_s
         while True:
-            acquired, raw = (self.client.pipeline(transaction=False)
-                             .set(self.lock_key, token, nx=True, px=int(self.lock_timeout_s * 1000))
-                             .get(self.key).execute())
+            acquired, raw, (seconds, micros) = (
+                self.client.pipeline(transaction=False)
+                .set(self.lock_key, token, nx=True, px=int(self.lock_timeout_s * 1000))
+                .get(self.key).time().execute()
+            )
+            self._skew = seconds + micros / 1e6 - self.wall()
             if acquired:
                 return raw  # nobody writes the value without the lock: what was read is current
             if time.monotonic() >= give_up_at:
