@@ -201,6 +201,12 @@ def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PII
         bearer = client.post("/v1/classify", json=body, headers={"Authorization": "Bearer s3cret-key"})
         health = [client.get(p).status_code for p in ("/healthz", "/readyz")]
         probes = [client.head(p) for p in ("/healthz", "/readyz")]  # uptime monitors often send HEAD
+        json_headers = {"content-type": "application/json"}
+        # the key is judged before the body, though FastAPI parses the body first
+        bad_bodies = [client.post("/v1/classify", content=b'{"text": ', headers=json_headers),
+                      client.post("/v1/classify", json={"txt": "typo"}),
+                      client.post("/v1/analyze", content=b'{"text": "\xff"}', headers=json_headers)]
+        keyed_bad = client.post("/v1/classify", json={"txt": "typo"}, headers={"X-API-Key": "s3cret-key"})
     assert (missing.status_code, wrong.status_code) == (401, 401)
     assert "missing API key" in missing.json()["error"]["message"]
     assert wrong.json()["error"]["message"] == "invalid API key"
@@ -208,6 +214,7 @@ def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PII
     assert (header.status_code, bearer.status_code) == (200, 200)
     assert health == [200, 200]
     assert [p.status_code for p in probes] == [200, 200] and all(p.content == b"" for p in probes)
+    assert [r.status_code for r in bad_bodies] == [401, 401, 401] and keyed_bad.status_code == 422
 
 
 def test_a_non_ascii_api_key_is_accepted_as_its_utf8_bytes(serving_settings: Settings, guard: PIIGuard) -> None:

@@ -116,11 +116,37 @@ def _readable(errors: Any) -> tuple[int, str, str]:
     return 422, "invalid_request", "; ".join(parts)
 
 
+def _unauthenticated(request: Request) -> StarletteHTTPException | None:
+    """The 401 a /v1 request without the configured key gets, or None (no key configured, the right key, or not
+    a /v1 path)."""
+    services = getattr(request.app.state, "services", None)
+    checker = getattr(services, "api_key", None)
+    if checker is None or not request.url.path.startswith("/v1/"):
+        return None
+    try:
+        checker(request)
+    except StarletteHTTPException as exc:
+        return exc
+    return None
+
+
+def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """An HTTPException as an ErrorResponse (a body FastAPI could not parse as ``invalid_body``)."""
+    code, message = _http_code(exc.status_code), str(exc.detail)
+    if exc.status_code == 400 and "parsing the body" in message:
+        code, message = "invalid_body", ("request body could not be parsed: send UTF-8 JSON, nested at most a "
+                                         "few hundred levels deep")
+    return _error(request, exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     """Every error becomes an ErrorResponse with the request id and the right status."""
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        denied = _unauthenticated(request)  # FastAPI parses the body before any dependency: the key comes first
+        if denied is not None:
+            return _http_error(request, denied)
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type and media_type != "application/json" and not media_type.endswith("+json"):
             # FastAPI reads such a body as no JSON at all and reports "Input should be a valid dictionary"
@@ -152,11 +178,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code, message = _http_code(exc.status_code), str(exc.detail)
-        if exc.status_code == 400 and "parsing the body" in message:
-            code, message = "invalid_body", ("request body could not be parsed: send UTF-8 JSON, nested at most a "
-                                             "few hundred levels deep")
-        return _error(request, exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        denied = _unauthenticated(request) if exc.status_code == 400 else None
+        return _http_error(request, denied or exc)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
