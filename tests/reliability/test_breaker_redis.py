@@ -121,6 +121,22 @@ def test_one_workers_failed_reload_neither_opens_the_fleets_breaker_nor_retries_
     assert len(loads) == 2
 
 
+def test_a_transaction_that_outlived_its_lock_does_not_overwrite_a_newer_record(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = f"test:{uuid.uuid4()}"
+    client = redis.Redis.from_url(redis_url)
+    paused, other = RedisStorage(client, key, lock_timeout_s=0.3), RedisStorage(client, key, lock_timeout_s=0.3)
+    with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"), paused.transaction() as stale:
+        stale.successes += 100
+        time.sleep(0.5)  # a long GC pause: the lock expires meanwhile
+        with other.transaction() as fresh:  # takes the expired lock and writes
+            fresh.failures += 1
+    stored = json.loads(client.get(key))
+    assert (stored["failures"], stored["successes"]) == (1, 0)  # the newer record stands
+    assert any("lock expired during this transaction" in r.getMessage() for r in caplog.records)
+
+
 def test_processes_and_threads_lose_no_update(redis_url: str) -> None:
     key, start_at = f"test:{uuid.uuid4()}", time.time() + 4
     children = [

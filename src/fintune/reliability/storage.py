@@ -9,14 +9,15 @@ ends with an exception (a rejection raises :class:`~fintune.errors.CircuitOpenEr
 With Redis the block holds a Redis lock (``SET NX PX`` with a random token, released by a compare-and-delete
 script, as redis-py's :class:`redis.lock.Lock` does) around a read and a write of one JSON value, so the workers of
 ``fintune serve --workers N``, or the replicas of ``fintune classify --engine ray`` on several machines, open and
-close one breaker together. Taking the lock and reading the value travel in one pipeline, as do writing the value
-and releasing the lock: two round trips a transaction, where redis-py's lock takes four; a block that changed
-nothing writes nothing. Times in a shared record are wall-clock seconds on the Redis server's clock (``TIME``,
-read in the lock's round trip): a monotonic clock means nothing in another process, and two machines' wall clocks
-may disagree by more than a recovery timeout. When Redis cannot be reached the storage does not fail the model
-call: it logs a warning once and keeps a record of its own in memory (starting from the last one it saw), trying
-Redis again every ``retry_interval_s`` (5 s) until it answers; each process then protects itself, as with
-:class:`MemoryStorage`.
+close one breaker together. Taking the lock and reading the value travel in one pipeline; writing the value and
+releasing the lock are one script that does both only while the lock still holds this token (a transaction that
+outlived its lock, in a long pause, cannot write over a newer record): two round trips a transaction, where
+redis-py's lock takes four; a block that changed nothing writes nothing. Times in a shared record are wall-clock
+seconds on the Redis server's clock (``TIME``, read in the lock's round trip): a monotonic clock means nothing in
+another process, and two machines' wall clocks may disagree by more than a recovery timeout. When Redis cannot be
+reached the storage does not fail the model call: it logs a warning once and keeps a record of its own in memory
+(starting from the last one it saw), trying Redis again every ``retry_interval_s`` (5 s) until it answers; each
+process then protects itself, as with :class:`MemoryStorage`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ log = logging.getLogger(__name__)
 _LOCK_POLL_S = 0.002  # a held lock is retried this often (redis-py's default, 0.1 s, would stall a model call)
 # release the lock only if it is still ours (it may have expired and been taken by another process meanwhile)
 _RELEASE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+_WRITE_AND_RELEASE_IF_OURS = (
+    "if redis.call('get', KEYS[1]) ~= ARGV[1] then return 0 end "
+    "if ARGV[2] ~= '' then redis.call('set', KEYS[2], ARGV[2]) end "
+    "redis.call('del', KEYS[1]) return 1"
+)
+"""Write the record (unless ARGV[2] is empty) and release the lock, only while the lock is still this token's."""
 _REDIS_HINT = "the shared breaker storage needs redis-py: pip install 'fintune[redis]'"
 
 
@@ -235,20 +242,21 @@ class RedisStorage:
             time.sleep(_LOCK_POLL_S)
 
     def _save_and_unlock(self, record: BreakerRecord, token: str, stored: str | None) -> None:
-        """Write the record back unless it still reads as ``stored`` and release the lock, in one round trip."""
+        """Write the record back unless it still reads as ``stored`` and release the lock, in one round trip and
+        only while the lock is still ours (a script, fenced by the token)."""
         import redis
 
         self._fallback = self._copy(record)  # remembered, in case Redis goes away
-        pipe = self.client.pipeline(transaction=False)
         serialized = record.to_json()
-        if serialized != stored:
-            pipe.set(self.key, serialized)
-        pipe.eval(_RELEASE_IF_OURS, 1, self.lock_key, token)
         try:
-            pipe.execute()
+            still_ours = self.client.eval(_WRITE_AND_RELEASE_IF_OURS, 2, self.lock_key, self.key, token,
+                                          "" if serialized == stored else serialized)
         except redis.RedisError as exc:
             self._unreachable(exc)
             return
+        if not still_ours:  # another process took the expired lock and may have written since: keep its record
+            log.warning("circuit breaker storage %r: the lock expired during this transaction (a pause over %s s); "
+                        "its change was dropped, not written over a newer record", self.key, self.lock_timeout_s)
         if not self._reachable:
             log.warning("circuit breaker storage %r: Redis answers again; the breaker is shared again", self.key)
             self._reachable = True
