@@ -434,3 +434,24 @@ def test_shutdown_does_not_wait_for_a_model_still_loading(serving_settings: Sett
     finally:
         release.set()
     assert not thread.is_alive() and stopped_in < 10, stopped_in  # not the 30 s the load would take
+
+
+def test_the_latency_spike_baseline_is_learned_from_model_answers_only(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    from fintune.serving.pipeline import ItemOutcome
+    from fintune.serving.service import offline_pipeline
+
+    recovery = serving_settings.reliability.recovery.model_copy(update={"latency_window": 10,
+                                                                       "latency_min_samples": 10})
+    settings = serving_settings.model_copy(update={"reliability": serving_settings.reliability.model_copy(
+        update={"recovery": recovery})})
+    pipeline = offline_pipeline(settings, KeywordClassifier())
+    guarded = guard.redact("Net sales rose.")
+    answer = Prediction("positive", 0.9, {"positive": 0.9, "neutral": 0.05, "negative": 0.05})
+    for _ in range(50):  # the baseline's answers while the model was away take a millisecond
+        pipeline.record(ItemOutcome(prediction=answer, guardrail=guarded, degraded=True), 0.001)
+    for _ in range(10):
+        pipeline.record(ItemOutcome(prediction=answer, guardrail=guarded, degraded=False), 0.2)
+    pipeline.process_batch(["Net sales rose."])  # a model call runs the spike check
+    assert pipeline.describe()["latency_baseline_p95_s"] == pytest.approx(0.2)  # not 0.001

@@ -234,6 +234,8 @@ class RecoveryManager(Generic[M]):
                 continue
             self._generation += 1
             self._failed_at = None
+            with self._state_lock:  # a new model: learn its latency again
+                self._latency_baseline, self._in_spike = self.settings.latency_baseline_p95_s, False
             details = {"reason": reason, "freed": freed, "generation": self._generation}
             return self._report(RecoveryOutcome(event, True, attempts, self.clock() - start, None, details))
         self._generation += 1  # threads that failed on the old model must not reload again
@@ -252,6 +254,11 @@ class RecoveryManager(Generic[M]):
         ]
 
     # ---- latency spikes -----------------------------------------------------------------------------------
+    @property
+    def latency_baseline_p95_s(self) -> float | None:
+        """The p95 a spike is judged against: configured, or learned from the first full window (None until)."""
+        return self._latency_baseline
+
     def check_latency(
         self, latencies_s: Sequence[float], *, queue_depth: int | None = None, batch_size: int | None = None
     ) -> RecoveryOutcome | None:

@@ -17,8 +17,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import unicodedata
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -222,6 +224,12 @@ class ClassificationPipeline:
         self.fallback = fallback
         self.fallback_tag = None if fallback is None else ModelTag(fallback.name, fallback.profile, fallback.version)
         self.times = StageTimes()
+        # latencies of texts the model answered: the spike check must not learn its baseline from degraded
+        # answers or rejections, which take milliseconds
+        self._model_latencies: deque[float] = deque(maxlen=settings.reliability.recovery.latency_window)
+        self._latencies_lock = threading.Lock()
+        self.queue_depth: Callable[[], int] | None = None
+        """How many texts wait for the model (set by whoever feeds the pipeline: the service's batcher)."""
 
     # ---- validation ----------------------------------------------------------------------------------------
     def validate(self, text: str) -> str:
@@ -321,10 +329,14 @@ class ClassificationPipeline:
         return ItemOutcome(prediction=p, guardrail=checked, degraded=degraded, model=tag)
 
     def _check_latency(self, batch_size: int) -> None:
-        """Let the RecoveryManager look for a latency spike (it logs one diagnostic per episode)."""
+        """Let the RecoveryManager look for a latency spike in the model-answered latencies (it logs one
+        diagnostic per episode, with the queue depth and batch size)."""
         recovery = self.slot.recovery
         if recovery is not None:
-            recovery.check_latency(self.monitor.recent_latencies(), batch_size=batch_size)
+            with self._latencies_lock:
+                latencies = list(self._model_latencies)
+            depth = self.queue_depth() if self.queue_depth is not None else None
+            recovery.check_latency(latencies, queue_depth=depth, batch_size=batch_size)
 
     # ---- after the batch (event loop or CLI) ---------------------------------------------------------------
     def record(self, outcome: ItemOutcome, latency_s: float) -> None:
@@ -346,6 +358,9 @@ class ClassificationPipeline:
         else:
             label = None if outcome.degraded or outcome.prediction is None else outcome.prediction.label
             self.monitor.record(latency_s, label=label)
+            if label is not None:
+                with self._latencies_lock:
+                    self._model_latencies.append(latency_s)
 
     def classify_offline(self, texts: list[str]) -> list[ItemOutcome]:
         """The whole pipeline for texts in this thread (the CLI): validation errors become error outcomes."""
@@ -372,4 +387,5 @@ class ClassificationPipeline:
             "degraded_mode": self.serving.degraded_mode,
             "degraded_available": self.degraded_available,
             "stage_seconds": self.times.as_dict(),
+            "latency_baseline_p95_s": None if self.slot.recovery is None else self.slot.recovery.latency_baseline_p95_s,
         }

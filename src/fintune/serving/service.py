@@ -91,6 +91,7 @@ class Services:
             self.pipeline.process_batch, max_batch_size=s.micro_batch_size, max_wait_ms=s.micro_batch_wait_ms,
             max_queue=s.queue_size,
         )
+        self.pipeline.queue_depth = lambda: self.batcher.depth if self.batcher is not None else 0
         await self.batcher.start()
         self._model_task = asyncio.create_task(self._load_model(slot), name="fintune-model-load")
 
