@@ -468,6 +468,10 @@ class MonitoringSettings(Section):
     latency_window: int = Field(
         1000, ge=1, description="Most recent requests behind percentiles and error rate."
     )
+    window_max_age_s: float = Field(
+        900.0, gt=0, description="Requests older than this leave that window too, so an incident stops weighing "
+        "on the percentiles, error rate and health once traffic has been quiet this long."
+    )
     throughput_window_s: float = Field(60.0, gt=0, description="Seconds of history behind requests/s.")
     latency_buckets_s: list[float] = Field(
         default_factory=lambda: [0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],

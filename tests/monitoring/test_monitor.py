@@ -84,6 +84,21 @@ def test_percentiles_error_rate_and_throughput() -> None:
     assert monitor.throughput_rps() == pytest.approx(2.0, rel=0.05)
     clock.now += 600  # ten quiet minutes: nothing left in the throughput window
     assert monitor.throughput_rps() == 0.0
+    assert monitor.error_rate() == pytest.approx(10 / 100)  # the latency window keeps them a while longer
+
+
+def test_an_old_incident_leaves_the_window_and_the_health_score() -> None:
+    clock = ManualClock()
+    monitor = SystemMonitor(MonitoringSettings(window_max_age_s=900), clock=clock)
+    for _ in range(50):
+        clock.now += 0.1
+        monitor.record(8.0, error="MemoryError")  # slow and failing
+    assert monitor.health_score() < 50
+    clock.now += 600
+    assert monitor.error_rate() == 1.0  # ten quiet minutes: still the latest evidence
+    clock.now += 301
+    assert monitor.error_rate() is None and monitor.latency_percentiles()["p95"] is None
+    assert monitor.health_score() == 100.0 and monitor.snapshot()["requests"]["window"] == 0
 
 
 @pytest.mark.parametrize("window_s", [1.0, 5.0, 60.0])

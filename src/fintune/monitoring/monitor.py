@@ -4,7 +4,8 @@ One :class:`SystemMonitor` per process (:meth:`SystemMonitor.instance`; tests us
 :meth:`SystemMonitor.reset_instance` or build their own). Every request is recorded with
 :meth:`SystemMonitor.record`; the monitor keeps, under one lock:
 
-* the last ``latency_window`` requests (default 1000): latency p50/p95/p99 and the error rate;
+* the last ``latency_window`` requests (default 1000) of the last ``window_max_age_s`` (900 s): latency
+  p50/p95/p99 and the error rate;
 * per-second request counts over ``throughput_window_s`` (60 s): throughput in requests/s, divided by the
   seconds those counts cover (the window, plus the part of the second it starts in; the monitor's age when
   shorter; at least 1 s);
@@ -81,7 +82,7 @@ class SystemMonitor:
         self.clock = clock
         self._lock = threading.Lock()
         self._started = clock()
-        self._window: deque[tuple[float, bool]] = deque(maxlen=self.settings.latency_window)
+        self._window: deque[tuple[float, float, bool]] = deque(maxlen=self.settings.latency_window)  # at, s, failed
         self._per_second: deque[list[int]] = deque()
         self._requests = 0
         self._errors: Counter[str] = Counter()
@@ -117,7 +118,7 @@ class SystemMonitor:
         with self._lock:
             now = self.clock()
             self._requests += 1
-            self._window.append((latency_s, error_type is not None))
+            self._window.append((now, latency_s, error_type is not None))
             self._count_second(now)
             if error_type is not None:
                 self._errors[error_type] += 1
@@ -199,7 +200,8 @@ class SystemMonitor:
     def recent_latencies(self) -> list[float]:
         """Latencies of the requests in the window, oldest first (for the latency-spike check)."""
         with self._lock:
-            return [latency for latency, _ in self._window]
+            self._trim_window(self.clock())
+            return [latency for _, latency, _ in self._window]
 
     def latency_percentiles(self) -> dict[str, float | None]:
         """p50, p95 and p99 of the window's latencies in seconds (None when empty)."""
@@ -223,14 +225,22 @@ class SystemMonitor:
     def error_rate(self) -> float | None:
         """Share of failed requests in the window (None when empty)."""
         with self._lock:
+            self._trim_window(self.clock())
             if not self._window:
                 return None
-            return sum(failed for _, failed in self._window) / len(self._window)
+            return sum(failed for _, _, failed in self._window) / len(self._window)
+
+    def _trim_window(self, now: float) -> None:
+        """Drop the window's requests older than ``window_max_age_s`` (lock held)."""
+        oldest = now - self.settings.window_max_age_s
+        while self._window and self._window[0][0] < oldest:
+            self._window.popleft()
 
     def health(self) -> dict[str, Any]:
         """The health score with its components, weights and penalty."""
         s = self.settings
         with self._lock:
+            self._trim_window(self.clock())
             has_requests = bool(self._window)
         components = health_components(
             s,
@@ -259,6 +269,7 @@ class SystemMonitor:
             predictions = dict(self._predictions)
             pii = dict(self._pii)
             fallbacks = dict(self._fallbacks)
+            self._trim_window(self.clock())
             window = len(self._window)
         n_pred = sum(predictions.values())
         return build_snapshot(
