@@ -115,10 +115,12 @@ def test_result_carries_types_and_counts_never_raw_values_or_offsets(guard: PIIG
     text = "SSN 536-22-8145, card 4111-1111-1111-1111, mail john.smith@example.com, acct 0012345678."
     result = guard.redact(text)
     assert set(GuardrailResult.model_fields) == {
-        "redacted_text", "pii_detected", "pii_types", "pii_count", "low_confidence", "invalid_label"
+        "redacted_text", "pii_detected", "pii_types", "pii_count", "pii_counts", "low_confidence", "invalid_label"
     }
     assert result.pii_types == ["ACCOUNT_NUMBER", "CREDIT_CARD", "EMAIL_ADDRESS", "US_SSN"]
     assert result.pii_count == 4
+    twice = guard.redact("SSN 536-22-8145 and SSN 219-09-9999, call 212-555-0198.")
+    assert twice.pii_counts == {"PHONE_NUMBER": 1, "US_SSN": 2} and twice.pii_count == 3  # what the metrics count
     dumped = result.to_json()
     for raw in ("536-22-8145", "4111", "john.smith", "0012345678"):
         assert raw not in dumped

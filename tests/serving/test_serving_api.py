@@ -32,6 +32,9 @@ def test_classify_masks_pii_before_the_model_and_in_the_answer(serving_settings:
     with make_client(serving_settings, guard, model) as client:
         wait_ready(client)
         response = client.post("/v1/classify", json={"text": PII_TEXT}, headers={"X-Request-ID": "req-1"})
+        client.post("/v1/classify", json={"text": "SSN 536-22-8145 and SSN 219-09-9999, call 212-555-0198."})
+        counted = client.get("/metrics/json").json()["pii_detections"]
+    assert counted["US_SSN"] == 2 and counted["PHONE_NUMBER"] == 2  # per span, in a text of mixed types too
     assert response.status_code == 200
     body = response.json()
     _no_pii(body)

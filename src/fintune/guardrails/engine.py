@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import regex
@@ -119,11 +120,13 @@ class PIIGuard:
         if not spans:
             return GuardrailResult(redacted_text=text, pii_detected=False, pii_types=[], pii_count=0)
         masked = self.anonymizer.anonymize(text=text, analyzer_results=spans, operators=self._operators)
+        counts = Counter(span.entity_type for span in spans)
         return GuardrailResult(
             redacted_text=masked.text,
             pii_detected=True,
-            pii_types=sorted({span.entity_type for span in spans}),
+            pii_types=sorted(counts),
             pii_count=len(spans),
+            pii_counts=dict(sorted(counts.items())),
         )
 
 

@@ -18,6 +18,9 @@ class GuardrailResult(BaseModel):
     pii_detected: bool = Field(description="True when at least one PII span was masked.")
     pii_types: list[str] = Field(description="Entity types that were masked, sorted and unique.")
     pii_count: int = Field(ge=0, description="Number of masked spans.")
+    pii_counts: dict[str, int] = Field(
+        default_factory=dict, description="Masked spans per entity type (sums to pii_count)."
+    )
     low_confidence: bool | None = Field(
         None, description="Prediction confidence below the configured threshold (None until check_output)."
     )

@@ -348,11 +348,8 @@ class ClassificationPipeline:
             return
         g = outcome.guardrail
         if g is not None and g.pii_detected:
-            if len(g.pii_types) == 1:
-                self.monitor.record_pii(g.pii_types[0], g.pii_count)
-            else:
-                for entity in g.pii_types:
-                    self.monitor.record_pii(entity)
+            for entity, count in (g.pii_counts or dict.fromkeys(g.pii_types, 1)).items():
+                self.monitor.record_pii(entity, count)
         if outcome.error is not None:
             self.monitor.record(latency_s, error=outcome.error.code)
         else:

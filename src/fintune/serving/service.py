@@ -15,6 +15,7 @@ import itertools
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -277,8 +278,9 @@ def with_document_pii(outcome: ItemOutcome, types: list[str]) -> ItemOutcome:
     g = outcome.guardrail
     if g is None or not types:
         return outcome
-    merged = g.model_copy(update={"pii_detected": True, "pii_types": sorted({*g.pii_types, *types}),
-                                  "pii_count": g.pii_count + len(types)})
+    counts = Counter(g.pii_counts) + Counter(types)
+    merged = g.model_copy(update={"pii_detected": True, "pii_types": sorted(counts), "pii_count": sum(counts.values()),
+                                  "pii_counts": dict(sorted(counts.items()))})
     return dataclasses.replace(outcome, guardrail=merged)
 
 
