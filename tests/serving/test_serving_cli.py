@@ -104,6 +104,8 @@ def test_a_bad_csv_or_an_empty_input_is_one_error_before_any_model_loads(
         list(read_texts(tmp_path / "semi.csv"))
     (tmp_path / "ids.jsonl").write_text('{"id": null, "text": "a"}\n{"id": "", "text": "b"}\n', encoding="utf-8")
     assert list(read_texts(tmp_path / "ids.jsonl")) == [("1", "a"), ("2", "b")]
+    (tmp_path / "odd.jsonl").write_text('{"id": "x\\ud800", "text": "a"}\n', encoding="utf-8")
+    assert list(read_texts(tmp_path / "odd.jsonl")) == [("x\\ud800", "a")]  # writable as UTF-8
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     assert main(["classify", "--input", str(tmp_path / "empty.txt")]) == 2
     assert main(["classify", "--output", str(tmp_path / "no" / "such" / "out.jsonl"), "Sales rose."]) == 2

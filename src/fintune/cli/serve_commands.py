@@ -265,8 +265,10 @@ def _csv_rows(handle: io.StringIO, column: str, path: Path) -> Iterator[tuple[st
 
 
 def _row_id(value: Any, n: int) -> str:
-    """A row's id: its own, else (absent, null or empty) its 1-based number."""
-    return str(n) if value is None or value == "" else str(value)
+    """A row's id: its own, else (absent, null or empty) its 1-based number; a lone surrogate (JSON allows
+    ``"\\ud800"``), which no UTF-8 output can hold, is written as its escape."""
+    text = str(n) if value is None or value == "" else str(value)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _utf8_text(path: Path) -> str:
