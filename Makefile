@@ -31,13 +31,17 @@ MODEL   := outputs/models/$(PROFILE)$(if $(filter-out 50agree,$(SUBSET)),-$(SUBS
 TEACHER := outputs/models/cpu$(if $(filter-out 50agree,$(SUBSET)),-$(SUBSET),)
 TEACH   := $(if $(filter encoder,$(PROFILE)),--teacher $(TEACHER),)
 
+# --skip-if-trained keeps a model of this profile and data; one trained on other data is refused, not replaced:
+# `make run TRAIN_FLAGS=--overwrite` retrains it
+TRAIN_FLAGS ?= --skip-if-trained
+
 run: install ## The main job: data check, baselines, fine-tune (once), evaluate, then serve
-	$(BIN)/fintune data
-	$(BIN)/fintune baselines --subset $(SUBSET)
-	$(if $(TEACH),$(BIN)/fintune train --profile cpu --subset $(SUBSET) --output-dir $(TEACHER) --skip-if-trained)
-	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --output-dir $(MODEL) --skip-if-trained $(TEACH)
+	$(BIN)/fintune data --profile $(PROFILE)
+	$(BIN)/fintune baselines --profile $(PROFILE) --subset $(SUBSET)
+	$(if $(TEACH),$(BIN)/fintune train --profile cpu --subset $(SUBSET) --output-dir $(TEACHER) $(TRAIN_FLAGS))
+	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --output-dir $(MODEL) $(TRAIN_FLAGS) $(TEACH)
 	$(BIN)/fintune evaluate --profile $(PROFILE) --model $(MODEL) --subset $(SUBSET)
-	$(BIN)/fintune serve --profile $(PROFILE) --model $(MODEL)
+	FINTUNE_DATA__SUBSET=$(SUBSET) $(BIN)/fintune serve --profile $(PROFILE) --model $(MODEL)
 
 test: install ## The whole test suite
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest

@@ -44,6 +44,7 @@ from fintune import LABELS
 from fintune.config import InferenceSettings, Settings, load_settings
 from fintune.data import load_splits
 from fintune.evaluation import classification_metrics, latency_percentiles, write_json
+from fintune.model.assessment import unseen_test_examples
 from fintune.model.card import read_card
 from fintune.model.inference import SentimentClassifier
 from fintune.model.precision import resolve_dtype
@@ -143,7 +144,7 @@ def main() -> None:
     """Score every path and write the result file."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="A folder written by `fintune train`.")
-    parser.add_argument("--subset", default="50agree")
+    parser.add_argument("--subset", default=None, help="Test split to score (default: the model's own subset).")
     parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3, help="Batched passes over the test split (median kept).")
     parser.add_argument("--paths", nargs="+", default=None,
@@ -158,8 +159,9 @@ def main() -> None:
     card = read_card(args.model)
     profile = card["profile"]
     settings = load_settings(profile)
-    splits = load_splits(settings, args.subset)
-    texts, labels = [ex.text for ex in splits.test], [ex.label for ex in splits.test]
+    splits = load_splits(settings, args.subset or card["data"]["subset"])
+    test = unseen_test_examples(settings, splits, card)  # never sentences the model trained on
+    texts, labels = [ex.text for ex in test], [ex.label for ex in test]
     results: dict[str, Any] = {}
     for name, how in paths.items():
         path_settings = with_inference(

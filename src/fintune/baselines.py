@@ -23,7 +23,7 @@ from sklearn.svm import LinearSVC
 
 from fintune.config import BaselineSettings
 from fintune.data import DataSplits
-from fintune.errors import ArtifactError
+from fintune.errors import ArtifactError, ConfigError
 from fintune.evaluation import (
     batch_throughput,
     classification_metrics,
@@ -77,7 +77,10 @@ def train_and_score(name: str, splits: DataSplits, cfg: BaselineSettings) -> tup
     """Fit baseline ``name`` on the train split and score it on the test split."""
     pipeline = build_pipeline(name, cfg)
     start = time.perf_counter()
-    pipeline.fit([e.text for e in splits.train], [e.label for e in splits.train])
+    try:
+        pipeline.fit([e.text for e in splits.train], [e.label for e in splits.train])
+    except ValueError as exc:  # the TF-IDF settings leave no term (min_df above the corpus, say)
+        raise ConfigError(f"baseline {name} cannot be fitted with these baselines settings: {exc}") from None
     fit_seconds = time.perf_counter() - start
     _predict_on_one_thread(pipeline)
     result = evaluate_pipeline(pipeline, splits, cfg)

@@ -23,6 +23,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,8 +74,8 @@ class BaselineSettings(Section):
     """TF-IDF baselines: the floor every fine-tuned model must beat."""
 
     models: list[Literal["logistic_regression", "random_forest", "linear_svc"]] = Field(
-        default_factory=lambda: ["logistic_regression", "random_forest", "linear_svc"],
-        description="Which baselines to train, in report order.",
+        default_factory=lambda: ["logistic_regression", "random_forest", "linear_svc"], min_length=1,
+        description="Which baselines to train, in report order (at least one).",
     )
     ngram_max: int = Field(2, ge=1, le=3, description="TF-IDF word n-grams from 1 to this length.")
     min_df: int = Field(1, ge=1, description="Ignore n-grams seen in fewer training sentences than this.")
@@ -687,6 +688,17 @@ def read_profile(profile: str) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"profile {path} must hold a mapping of settings, not {type(values).__name__}")
     values.setdefault("profile", path.stem)
+    return values
+
+
+def printable(settings: Settings) -> dict[str, Any]:
+    """The settings as JSON-ready values for showing: secrets masked (the API key already is, as a SecretStr;
+    the password in ``reliability.redis_url`` too)."""
+    values = settings.model_dump(mode="json")
+    url = urllib.parse.urlsplit(values["reliability"]["redis_url"])
+    if url.password:
+        netloc = f"{url.username or ''}:****@{url.hostname or ''}" + (f":{url.port}" if url.port else "")
+        values["reliability"]["redis_url"] = urllib.parse.urlunsplit(url._replace(netloc=netloc))
     return values
 
 

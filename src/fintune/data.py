@@ -276,13 +276,21 @@ def split(examples: list[Example], settings: Settings) -> tuple[list[Example], l
 
     cfg = settings.data
     labels = [example.label for example in examples]
-    rest, test = train_test_split(
-        examples, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.split_seed
-    )
-    validation_share = cfg.validation_fraction / (1.0 - cfg.test_fraction)
-    train, validation = train_test_split(
-        rest, test_size=validation_share, stratify=[e.label for e in rest], random_state=cfg.split_seed
-    )
+    try:
+        rest, test = train_test_split(
+            examples, test_size=cfg.test_fraction, stratify=labels, random_state=cfg.split_seed
+        )
+        validation_share = cfg.validation_fraction / (1.0 - cfg.test_fraction)
+        train, validation = train_test_split(
+            rest, test_size=validation_share, stratify=[e.label for e in rest], random_state=cfg.split_seed
+        )
+    except ValueError as exc:  # too few sentences of a label for the fractions asked
+        counts = ", ".join(f"{label} {labels.count(label)}" for label in sorted(set(labels)))
+        raise DataFormatError(
+            f"{len(examples)} sentences ({counts}) cannot be split {cfg.validation_fraction:g} / "
+            f"{cfg.test_fraction:g} with every label on each side ({exc}); use more data or larger "
+            "data.validation_fraction / data.test_fraction"
+        ) from None
     by_id = lambda rows: sorted(rows, key=lambda e: e.id)  # noqa: E731
     return by_id(train), by_id(validation), by_id(test)
 

@@ -52,9 +52,11 @@ def test_data_prints_counts_per_subset(capfd: pytest.CaptureFixture[str], tiny_d
     monkeypatch.setenv("FINTUNE_DATA_DIR", str(tiny_data_dir))
     code, out, _ = run_cli(capfd, "data")
     assert code == 0
-    for subset in ("50agree", "66agree", "75agree", "allagree"):
-        assert subset in out
-    assert "61" in out
+    rows = {line.split()[1]: line.split()[2:] for line in out.splitlines()
+            if line.startswith("│") and "agree" in line}
+    assert set(rows) == {"50agree", "66agree", "75agree", "allagree"}
+    # sentences, negative, neutral, positive, train/val/test: the fixture's 61 unique sentences
+    assert [cell for cell in rows["50agree"] if cell != "│"][:5] == ["61", "20", "21", "20", "48/6/7"]
 
 
 def test_baselines_writes_comparison(capfd: pytest.CaptureFixture[str], tiny_data_dir: Path, tmp_path: Path,
@@ -122,3 +124,28 @@ def test_settings_shows_profiles_and_env_overrides(capfd: pytest.CaptureFixture[
     monkeypatch.setenv("FINTUNE_MONITORING__DRIFT_THRESHOLD", "0.25")
     code, out, _ = run_cli(capfd, "settings", "--profile", "cpu")
     assert code == 0 and "drift_threshold: 0.25" in out and "profile: cpu" in out
+
+
+@pytest.mark.parametrize(("env", "args", "expected"), [
+    ({"FINTUNE_BASELINES__MODELS": "[]"}, ["baselines"], "at least 1 item"),
+    ({"FINTUNE_DATA__TEST_FRACTION": "0.01"}, ["baselines"], "cannot be split 0.1 / 0.01 with every label"),
+    ({"FINTUNE_BASELINES__MIN_DF": "5000"}, ["baselines"], "cannot be fitted with these baselines settings"),
+    ({}, ["baselines", "--output-dir", "FILE"], "is a file, not a folder"),
+], ids=["no baselines", "split too small", "min_df too high", "output is a file"])
+def test_bad_settings_and_paths_are_one_error_line(
+    capfd: pytest.CaptureFixture[str], tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str], args: list[str], expected: str,
+) -> None:
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(tiny_data_dir))
+    monkeypatch.setenv("FINTUNE_OUTPUT_DIR", str(tmp_path / "out"))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "file").write_text("not a folder", encoding="utf-8")
+    code, _, err = run_cli(capfd, *[str(tmp_path / "file") if a == "FILE" else a for a in args])
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+def test_settings_mask_the_redis_password(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_RELIABILITY__REDIS_URL", "redis://ops:hunter2@redis.internal:6380/1")
+    code, out, _ = run_cli(capfd, "settings")
+    assert code == 0 and "redis://ops:****@redis.internal:6380/1" in out and "hunter2" not in out

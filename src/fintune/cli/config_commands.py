@@ -8,7 +8,7 @@ import typer
 import yaml
 
 from fintune.cli._app import ProfileOption, app, console
-from fintune.config import available_profiles, load_settings
+from fintune.config import available_profiles, load_settings, printable
 
 
 @app.command("settings")
@@ -21,5 +21,5 @@ def settings_command(
         for name in available_profiles():
             console.print(f"{name:<14} {load_settings(name).description}", highlight=False)
         return
-    values = load_settings(profile).model_dump(mode="json")
+    values = printable(load_settings(profile))
     console.print(yaml.safe_dump(values, sort_keys=False, allow_unicode=True), highlight=False, soft_wrap=True)

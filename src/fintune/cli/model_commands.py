@@ -111,7 +111,7 @@ def _clear_finished(target: Path, overwrite: bool, kept_only_if_same: tuple[str,
         if kept_only_if_same is not None:
             raise ArtifactError(
                 f"{held}, not the one --skip-if-trained keeps ({mismatch(card, *kept_only_if_same)}): pass "
-                "--overwrite to replace it, or choose another --output-dir"
+                "--overwrite to replace it (`make run TRAIN_FLAGS=--overwrite`), or choose another --output-dir"
             )
         raise ArtifactError(
             f"{held}; pass --overwrite to train it again from scratch, --skip-if-trained to keep it, or choose "

@@ -89,7 +89,8 @@ def weights_dtype(classifier: Classifier) -> str | None:
 
 
 def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str, Any]) -> list[Example]:
-    """The test split minus sentences the model trained on (only possible when it trained on another subset).
+    """The test split minus sentences the model trained on or was selected and calibrated on (its validation
+    split; only possible when it trained on another subset).
 
     The model's training split is rebuilt with these settings, so it must be the one in the card (same data
     fingerprint): a model trained with another split seed or other fractions would be scored on its own
@@ -108,7 +109,7 @@ def unseen_test_examples(settings: Settings, splits: DataSplits, card: dict[str,
         )
     if training is splits:
         return list(splits.test)
-    seen = {ex.text for ex in training.train}
+    seen = {ex.text for ex in (*training.train, *training.validation)}  # validation chose and calibrated it
     return [ex for ex in splits.test if ex.text not in seen]
 
 
