@@ -460,6 +460,11 @@ class MonitoringSettings(Section):
         100, ge=1, description="Predictions needed in the window before judging drift."
     )
     drift_window: int = Field(500, ge=1, description="Most recent predictions the drift check compares.")
+    drift_webhook_url: SecretStr | None = Field(
+        None, description="The service POSTs each drift episode's report as JSON here (an alerting endpoint; a "
+        "secret, as such URLs carry tokens). None: drift is logged and counted only."
+    )
+    drift_webhook_timeout_s: float = Field(5.0, gt=0, description="How long one webhook POST may take.")
     drift_smoothing: float = Field(
         0.5, gt=0, description="Additive pseudo-count per class on both distributions (no infinite KL)."
     )

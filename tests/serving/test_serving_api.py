@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from serving_helpers import PII_TEXT, PII_VALUES, KeywordClassifier, make_client, wait_ready, with_serving
 
 from fintune.config import Settings
@@ -458,3 +460,46 @@ def test_the_latency_spike_baseline_is_learned_from_model_answers_only(
         pipeline.record(ItemOutcome(prediction=answer, guardrail=guarded, degraded=False), 0.2)
     pipeline.process_batch(["Net sales rose."])  # a model call runs the spike check
     assert pipeline.describe()["latency_baseline_p95_s"] == pytest.approx(0.2)  # not 0.001
+
+
+def test_drift_reaches_the_webhook_with_numbers_only(serving_settings: Settings, guard: PIIGuard) -> None:
+    import http.server
+    import threading
+
+    from fintune.monitoring import DriftBaseline
+
+    received: list[dict] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the http.server name)
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monitoring = serving_settings.monitoring.model_copy(update={
+        "drift_webhook_url": SecretStr(f"http://127.0.0.1:{server.server_port}/hooks/drift?token=s3cret"),
+        "drift_min_samples": 20, "drift_window": 20})
+    settings = serving_settings.model_copy(update={"monitoring": monitoring})
+    try:
+        with make_client(settings, guard) as client:
+            wait_ready(client)
+            services = client.app.state.services  # type: ignore[attr-defined]
+            # the model was validated on mostly neutral sentences; now every answer is positive
+            services.monitor.set_drift_baseline(DriftBaseline(("negative", "neutral", "positive"), (10, 80, 10)))
+            for _ in range(25):
+                client.post("/v1/classify", json={"text": "Net sales rose, mail ir@example.com."})
+            deadline = time.monotonic() + 10  # the POST runs in a thread of its own
+            while not received and time.monotonic() < deadline:
+                time.sleep(0.05)
+    finally:
+        server.shutdown()
+    assert len(received) == 1  # once per episode
+    alert = received[0]
+    assert alert["event"] == "prediction_drift" and alert["service"]["model"] == "keyword-test-model"
+    assert alert["report"]["state"] == "drifted" and alert["report"]["kl"] > 0.15
+    assert alert["report"]["current"]["positive"] == 1.0 and "example.com" not in json.dumps(alert)

@@ -133,10 +133,24 @@ class Services:
                 break
         if slot.recovery is not None:
             self.monitor.on_drift(slot.recovery.handle_drift)
+            self._add_drift_webhook(slot)
             try:
                 self.monitor.set_drift_baseline(load_drift_baseline(model_dir(self.settings)))
             except (FinTuneError, OSError, ValueError) as exc:
                 logger.info("no drift baseline (%s): drift detection is off", exc)
+
+    def _add_drift_webhook(self, slot: ModelSlot) -> None:
+        """Register the drift webhook as a recovery drift hook when ``monitoring.drift_webhook_url`` is set."""
+        m = self.settings.monitoring
+        if m.drift_webhook_url is None or slot.recovery is None:
+            return
+        from fintune.serving.alerts import DriftWebhook
+
+        tag = slot.tag
+        service = {"profile": self.settings.profile, "model": tag.name if tag else None,
+                   "version": tag.version if tag else None}
+        slot.recovery.add_drift_hook(DriftWebhook(m.drift_webhook_url.get_secret_value(), m.drift_webhook_timeout_s,
+                                                  service))
 
     def current_monitor(self) -> SystemMonitor:
         """The monitor, told the breaker's state as it is now (a shared breaker may have been moved by another
