@@ -368,6 +368,11 @@ class RecoverySettings(Section):
     oom_backoff_s: float = Field(1.0, ge=0, description="Wait before the second reload attempt, in seconds.")
     oom_backoff_factor: float = Field(2.0, ge=1, description="Each later wait is the previous one times it.")
     oom_backoff_max_s: float = Field(30.0, ge=0, description="Upper bound on one wait between reloads.")
+    reload_in_background: bool = Field(
+        True, description="The service reloads after out-of-memory in a thread of its own, answering degraded "
+        "meanwhile, instead of holding its one model thread (and every queued request) for the reload. Offline "
+        "runs (`fintune classify`) always reload in place, then go on with the model."
+    )
     latency_window: int = Field(200, ge=10, description="Recent request latencies the spike check looks at.")
     latency_min_samples: int = Field(
         20, ge=1, description="Latencies needed in the window before a spike can be declared."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -275,3 +276,33 @@ def test_the_trial_after_a_failed_reload_loads_before_the_slow_call_clock_starts
     clock.now += 31.0
     assert recovery.call(lambda m: m.predict("x")) == "positive"  # the HALF_OPEN trial
     assert breaker.state is BreakerState.CLOSED
+
+
+def test_a_background_reload_lets_calls_fail_fast_outside_the_breaker_until_it_is_done() -> None:
+    release = threading.Event()
+
+    class GatedLoader(Loader):
+        def __call__(self) -> object:
+            if self.loads:  # the reload: held until the test lets it finish
+                release.wait(timeout=30)
+            return super().__call__()
+
+    breaker = CircuitBreaker.from_settings(ReliabilitySettings(failure_threshold=2))
+    loader = GatedLoader(GreedyModel(), GoodModel())
+    recovery = RecoveryManager(loader, RecoverySettings(), breaker=breaker, sleep=lambda s: None,
+                               reload_in_background=True)
+    with pytest.raises(MemoryError):  # the failing call still fails, at once
+        recovery.call(lambda m: m.predict("x"))
+    for _ in range(5):  # more than the failure threshold, while the reload waits
+        with pytest.raises(RecoveryError, match="being reloaded"):
+            recovery.call(lambda m: m.predict("x"))
+    assert breaker.state is BreakerState.CLOSED  # the reload is not the model failing again
+    release.set()
+    for _ in range(600):  # until the reload thread is done
+        try:
+            recovery.model  # noqa: B018
+            break
+        except RecoveryError:
+            time.sleep(0.05)
+    assert recovery.history[-1].succeeded and recovery.call(lambda m: m.predict("x")) == "positive"
+    assert loader.loads == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -503,3 +504,37 @@ def test_drift_reaches_the_webhook_with_numbers_only(serving_settings: Settings,
     assert alert["event"] == "prediction_drift" and alert["service"]["model"] == "keyword-test-model"
     assert alert["report"]["state"] == "drifted" and alert["report"]["kl"] > 0.15
     assert alert["report"]["current"]["positive"] == 1.0 and "example.com" not in json.dumps(alert)
+
+
+def test_after_out_of_memory_the_reload_runs_aside_and_requests_are_answered_degraded_meanwhile(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    reloaded = threading.Event()
+
+    class RunsOutOfMemoryOnce(KeywordClassifier):
+        def classify(self, texts: list[str]) -> list[Prediction]:
+            raise MemoryError("CUDA out of memory")
+
+    def loader() -> KeywordClassifier:
+        if not loads:
+            loads.append("first")
+            return RunsOutOfMemoryOnce()
+        time.sleep(1.0)  # loading weights again takes a while
+        loads.append("reloaded")
+        reloaded.set()
+        return KeywordClassifier()
+
+    loads: list[str] = []
+    with make_client(serving_settings, guard, classifier=loader) as client:
+        wait_ready(client)
+        failing = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
+        during = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
+        answered_before_the_reload = not reloaded.is_set()
+        assert reloaded.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        after = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
+        while after["degraded"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            after = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
+    assert failing["degraded"] and during["degraded"] and answered_before_the_reload  # nobody waited for it
+    assert after["degraded"] is False and after["label"] == "positive" and loads == ["first", "reloaded"]

@@ -118,9 +118,12 @@ class RecoveryManager(Generic[M]):
         model: M | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        reload_in_background: bool = False,
     ) -> None:
         """Load models with ``loader`` (on first use, unless ``model`` is given) and run calls through ``breaker``,
-        tripping it when a reload fails; ``sleep`` and ``clock`` time the backoff (injected in tests)."""
+        tripping it when a reload fails; ``sleep`` and ``clock`` time the backoff (injected in tests).
+        ``reload_in_background``: after out-of-memory, reload in a thread of its own; calls meanwhile fail fast
+        with RecoveryError (outside the breaker) instead of waiting for the reload."""
         self.loader = loader
         self.settings = settings or RecoverySettings()
         self.breaker = breaker
@@ -136,11 +139,16 @@ class RecoveryManager(Generic[M]):
         self._outcome_listeners: list[Callable[[RecoveryOutcome], None]] = []
         self._latency_baseline = self.settings.latency_baseline_p95_s
         self._in_spike = False
+        self._background = reload_in_background
+        self._reloading = threading.Event()  # a background reload is running
 
     # ---- the model ----------------------------------------------------------------------------------------
     @property
     def model(self) -> M:
-        """The live model, loaded on first use; RecoveryError when the last reload failed and no retry is due."""
+        """The live model, loaded on first use; RecoveryError when the last reload failed and no retry is due, or
+        while a background reload runs."""
+        if self._reloading.is_set():
+            raise RecoveryError("the model is being reloaded after running out of memory; retry shortly")
         if self._model is None and self._retry_due():
             generation = self._generation
             with self._reload_lock:
@@ -184,6 +192,8 @@ class RecoveryManager(Generic[M]):
 
         if self.breaker is None:
             return run()
+        if self._reloading.is_set():
+            self.model  # noqa: B018  fails fast (RecoveryError), not counted by the breaker: the reload is under way
         if not self._breaker_is_ours():
             self.model  # noqa: B018  a missing model fails here, outside the fleet's breaker (RecoveryError)
         elif self._model is None and self.breaker.state is not BreakerState.OPEN:
@@ -201,12 +211,30 @@ class RecoveryManager(Generic[M]):
         ``generation`` is the model generation the failing call used: if another thread already reloaded
         since, nothing is done again.
         """
+        if self._reloading.is_set():  # another call's out-of-memory started it
+            return RecoveryOutcome("out_of_memory", False, details={"already_reloading": True})
+        reason = f"out of memory: {type(exc).__name__}"
         with self._reload_lock:
             if generation is not None and generation != self._generation:
                 handled = RecoveryOutcome("out_of_memory", self._model is not None, details={"already_reloaded": True})
                 return self._report(handled)
-            log.warning("out of memory (%s): freeing memory and reloading the model", type(exc).__name__)
-            return self._reload(f"out of memory: {type(exc).__name__}", event="out_of_memory")
+            log.warning("out of memory (%s): freeing memory and reloading the model%s", type(exc).__name__,
+                        " in the background" if self._background else "")
+            if not self._background:
+                return self._reload(reason, event="out_of_memory")
+            self._model = None  # the failing model goes now; calls fail fast until the new one is in
+            self._reloading.set()
+        threading.Thread(target=self._reload_then_resume, args=(reason,), name="fintune-model-reload",
+                         daemon=True).start()
+        return RecoveryOutcome("out_of_memory", False, details={"reloading_in_background": True})
+
+    def _reload_then_resume(self, reason: str) -> None:
+        """The background reload (reported as any reload is); calls are let through again when it ends."""
+        try:
+            with self._reload_lock:
+                self._reload(reason, event="out_of_memory")
+        finally:
+            self._reloading.clear()
 
     def reload(self, reason: str = "requested") -> RecoveryOutcome:
         """Drop the model, free memory and load a new one with backoff (one reload at a time)."""

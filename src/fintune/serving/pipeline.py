@@ -162,10 +162,13 @@ class ModelSlot:
     """The served model: whether it is loaded, and the RecoveryManager (with the breaker) that calls it."""
 
     def __init__(
-        self, loader: Callable[[], BatchClassifier], settings: Settings, breaker: CircuitBreaker
+        self, loader: Callable[[], BatchClassifier], settings: Settings, breaker: CircuitBreaker,
+        reload_in_background: bool = False,
     ) -> None:
-        """Nothing is loaded until :meth:`load`."""
+        """Nothing is loaded until :meth:`load`; ``reload_in_background`` as the RecoveryManager's (the service
+        sets it from ``reliability.recovery.reload_in_background``)."""
         self.loader = loader
+        self.reload_in_background = reload_in_background
         self.faults = settings.serving.faults
         self.recovery_settings: RecoverySettings = settings.reliability.recovery
         self.breaker = breaker
@@ -184,7 +187,7 @@ class ModelSlot:
             return
         self.recovery = RecoveryManager(
             lambda: with_faults(self.loader(), self.faults), self.recovery_settings, breaker=self.breaker,
-            model=model,
+            model=model, reload_in_background=self.reload_in_background,
         )
         self.tag = ModelTag(model.name, model.profile, model.version)
         self.state, self.error = "ready", None

@@ -80,7 +80,8 @@ class Services:
         self._install_log_redaction()
         if self.fallback == AUTO:
             self.fallback = await asyncio.to_thread(load_baseline, self.settings)
-        slot = ModelSlot(model_loader(self.settings, self.classifier), self.settings, self.breaker)
+        slot = ModelSlot(model_loader(self.settings, self.classifier), self.settings, self.breaker,
+                         reload_in_background=self.settings.reliability.recovery.reload_in_background)
         self.breaker.add_listener(self.monitor.on_breaker_transition)
         self.monitor.set_breaker_state(self.breaker.state.value)
         self.pipeline = ClassificationPipeline(
