@@ -529,6 +529,7 @@ def test_after_out_of_memory_the_reload_runs_aside_and_requests_are_answered_deg
         wait_ready(client)
         failing = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
         during = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
+        readiness = client.get("/readyz")
         answered_before_the_reload = not reloaded.is_set()
         assert reloaded.wait(timeout=30)
         deadline = time.monotonic() + 10
@@ -537,4 +538,5 @@ def test_after_out_of_memory_the_reload_runs_aside_and_requests_are_answered_deg
             time.sleep(0.05)
             after = client.post("/v1/classify", json={"text": "Net sales rose."}).json()
     assert failing["degraded"] and during["degraded"] and answered_before_the_reload  # nobody waited for it
+    assert readiness.status_code == 503 and readiness.json()["model"] == "reloading"  # take me out of rotation
     assert after["degraded"] is False and after["label"] == "positive" and loads == ["first", "reloaded"]

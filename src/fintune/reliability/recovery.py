@@ -158,6 +158,11 @@ class RecoveryManager(Generic[M]):
             raise RecoveryError("the model is not loaded: the last reload failed; see the recovery log")
         return self._model
 
+    @property
+    def reloading(self) -> bool:
+        """Whether a background reload is under way (the model is then not there)."""
+        return self._reloading.is_set()
+
     def _retry_due(self) -> bool:
         """Whether a missing model may be loaded now: a breaker of this process's own gates retries; without one,
         or with one shared by other processes, one retry per backoff cap."""

@@ -196,7 +196,12 @@ class ModelSlot:
     @property
     def ready(self) -> bool:
         """Whether the model can be called."""
-        return self.state == "ready" and self.recovery is not None
+        return self.state == "ready" and self.recovery is not None and not self.recovery.reloading
+
+    @property
+    def status(self) -> str:
+        """``loading``, ``ready``, ``failed``, or ``reloading`` while a background reload runs after out of memory."""
+        return "reloading" if self.recovery is not None and self.recovery.reloading else self.state
 
     def classify(self, texts: list[str]) -> list[Prediction]:
         """The model's predictions through recovery and breaker (CircuitOpenError while OPEN)."""
@@ -316,7 +321,7 @@ class ClassificationPipeline:
                     self.monitor.record_fallback(reason)
                 return predictions, True, self.fallback_tag, None
         message = {
-            "model_not_ready": f"the model is {self.slot.state}",
+            "model_not_ready": f"the model is {self.slot.status}",
             "breaker_open": "the model failed repeatedly and its circuit breaker is open",
             "model_error": "the model failed on this batch",
         }[reason]
@@ -381,7 +386,7 @@ class ClassificationPipeline:
     def describe(self) -> dict[str, Any]:
         """Model, breaker and degraded-mode state for /readyz and /metrics/json."""
         return {
-            "model": self.slot.state,
+            "model": self.slot.status,
             "model_error": self.slot.error,
             "breaker": self.breaker.snapshot(),
             "degraded_mode": self.serving.degraded_mode,

@@ -164,7 +164,7 @@ class HealthResponse(BaseModel):
     """GET /healthz and /readyz."""
 
     status: str = Field(description="'ok' (alive), 'ready' or 'not_ready'.")
-    model: str = Field(description="Model state: loading, ready or failed.")
+    model: str = Field(description="Model state: loading, ready, failed, or reloading (after out of memory).")
     breaker: str = Field(description="Circuit breaker state: closed, open or half_open.")
     degraded_available: bool = Field(description="Whether the TF-IDF baseline can answer when the model cannot.")
     request_id: str = Field(description=_REQUEST_ID)

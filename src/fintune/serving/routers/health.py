@@ -26,7 +26,7 @@ def _body(services: Services, status: str, request_id: str) -> dict:
     pipeline = services.pipeline
     return {
         "status": status,
-        "model": pipeline.slot.state if pipeline else "loading",
+        "model": pipeline.slot.status if pipeline else "loading",
         "breaker": services.breaker.state.value,
         "degraded_available": bool(pipeline and pipeline.degraded_available),
         "request_id": request_id,
