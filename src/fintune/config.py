@@ -706,8 +706,8 @@ def printable(settings: Settings) -> dict[str, Any]:
     the password in ``reliability.redis_url`` too)."""
     values = settings.model_dump(mode="json")
     url = urllib.parse.urlsplit(values["reliability"]["redis_url"])
-    if url.password:
-        netloc = f"{url.username or ''}:****@{url.hostname or ''}" + (f":{url.port}" if url.port else "")
+    if url.password:  # as written in the URL (urlsplit does not unquote it)
+        netloc = url.netloc.replace(f":{url.password}@", ":****@", 1)
         values["reliability"]["redis_url"] = urllib.parse.urlunsplit(url._replace(netloc=netloc))
     return values
 

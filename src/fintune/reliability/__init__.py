@@ -22,7 +22,13 @@ Modules: :mod:`~fintune.reliability.breaker` (states, transitions, why not pybre
 """
 
 from fintune.reliability.breaker import BreakerState, CircuitBreaker, Transition, resolve_exception_types
-from fintune.reliability.recovery import RecoveryManager, RecoveryOutcome, free_memory, is_out_of_memory
+from fintune.reliability.recovery import (
+    RecoveryManager,
+    RecoveryOutcome,
+    backoff_delay,
+    free_memory,
+    is_out_of_memory,
+)
 from fintune.reliability.storage import BreakerRecord, BreakerStorage, MemoryStorage, RedisStorage
 
 __all__ = [
@@ -35,6 +41,7 @@ __all__ = [
     "RecoveryOutcome",
     "RedisStorage",
     "Transition",
+    "backoff_delay",
     "free_memory",
     "is_out_of_memory",
     "resolve_exception_types",

@@ -106,6 +106,14 @@ def _process_memory() -> dict[str, Any]:
     return memory
 
 
+def backoff_delay(settings: RecoverySettings, retry: int) -> float:
+    """Seconds to wait before retry number ``retry`` of a load (0: the first attempt, no wait): ``oom_backoff_s``,
+    growing by ``oom_backoff_factor`` each retry, at most ``oom_backoff_max_s``."""
+    if retry == 0:
+        return 0.0
+    return min(settings.oom_backoff_s * settings.oom_backoff_factor ** (retry - 1), settings.oom_backoff_max_s)
+
+
 class RecoveryManager(Generic[M]):
     """Holds the live model, reloads it after out-of-memory errors, watches latency and dispatches drift."""
 
@@ -197,10 +205,10 @@ class RecoveryManager(Generic[M]):
 
         if self.breaker is None:
             return run()
-        if self._reloading.is_set():
-            self.model  # noqa: B018  fails fast (RecoveryError), not counted by the breaker: the reload is under way
-        if not self._breaker_is_ours():
-            self.model  # noqa: B018  a missing model fails here, outside the fleet's breaker (RecoveryError)
+        if self._reloading.is_set() or not self._breaker_is_ours():
+            # a reload under way, or a model missing in this process under the fleet's breaker: RecoveryError here,
+            # outside the breaker, which must not count it as the model failing
+            self.model  # noqa: B018
         elif self._model is None and self.breaker.state is not BreakerState.OPEN:
             self._load_quietly()  # outside the breaker: loading is not the (possibly slow-limited) trial call
         return self.breaker.call(run)
@@ -280,11 +288,7 @@ class RecoveryManager(Generic[M]):
 
     def _delays(self) -> list[float]:
         """Wait before each attempt: 0, then backoff, growing by the factor, capped."""
-        s = self.settings
-        return [0.0] + [
-            min(s.oom_backoff_s * s.oom_backoff_factor**i, s.oom_backoff_max_s)
-            for i in range(s.oom_max_attempts - 1)
-        ]
+        return [backoff_delay(self.settings, retry) for retry in range(self.settings.oom_max_attempts)]
 
     # ---- latency spikes -----------------------------------------------------------------------------------
     @property

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from fintune.config import Settings
 from fintune.errors import ArtifactError, FinTuneError, InvalidInputError, ServiceOverloadedError
 from fintune.monitoring import SystemMonitor, load_drift_baseline
-from fintune.reliability import CircuitBreaker
+from fintune.reliability import CircuitBreaker, backoff_delay
 from fintune.serving import documents
 from fintune.serving.batching import MicroBatcher
 from fintune.serving.model_adapter import BatchClassifier, load_baseline, load_classifier, model_dir
@@ -89,12 +89,12 @@ class Services:
             fallback=self.fallback,
         )
         s = self.settings.serving
-        self.batcher = MicroBatcher(
+        self.batcher = batcher = MicroBatcher(
             self.pipeline.process_batch, max_batch_size=s.micro_batch_size, max_wait_ms=s.micro_batch_wait_ms,
             max_queue=s.queue_size,
         )
-        self.pipeline.queue_depth = lambda: self.batcher.depth if self.batcher is not None else 0
-        await self.batcher.start()
+        self.pipeline.queue_depth = lambda: batcher.depth
+        await batcher.start()
         self._model_task = asyncio.create_task(self._load_model(slot), name="fintune-model-load")
 
     async def stop(self) -> None:
@@ -122,10 +122,9 @@ class Services:
         """Load the model off the event loop, and again with backoff while that fails (a transient failure at
         boot, out of memory say, must not leave the service not ready for good; meanwhile it answers degraded);
         then wire drift detection when a baseline file exists."""
-        r = self.settings.reliability.recovery
         for attempt in itertools.count():
             if attempt:
-                delay = min(r.oom_backoff_s * r.oom_backoff_factor ** (attempt - 1), r.oom_backoff_max_s)
+                delay = backoff_delay(self.settings.reliability.recovery, attempt)
                 logger.warning("model load failed (%s); trying again in %.1f s", slot.error, delay)
                 await asyncio.sleep(delay)
             await in_daemon_thread(slot.load, "fintune-model-load")
