@@ -20,6 +20,7 @@ from serving_helpers import PII_TEXT, PII_VALUES, KeywordClassifier, make_client
 from fintune.config import Settings
 from fintune.guardrails import PIIGuard
 from fintune.monitoring import SystemMonitor
+from fintune.serving import create_app
 from fintune.serving.model_adapter import Prediction
 
 
@@ -167,6 +168,10 @@ BAD_INPUTS = [
     ("empty batch", "/v1/classify/batch", {"json": {"texts": []}}, 422),
     ("batch item of wrong type", "/v1/classify/batch", {"json": {"texts": ["ok", 3]}}, 422),
     ("empty document", "/v1/analyze", {"json": {"text": "  "}}, 422),
+    ("only invisible characters", "/v1/classify", {"json": {"text": "\u200b\ufeff\u2060"}}, 422),
+    ("document of invisible characters", "/v1/analyze", {"json": {"text": "\u200b \u200d\n\n\ufeff"}}, 422),
+    ("big integer", "/v1/classify", {"content": b'{"text": ' + b"1" * 5000 + b"}",
+                                     "headers": {"content-type": "application/json"}}, 400),
     ("form content type", "/v1/classify", {"data": {"text": "Sales rose."}}, 415),
     ("text content type", "/v1/classify/batch", {"content": b'{"texts": ["a"]}',
                                                  "headers": {"content-type": "text/plain"}}, 415),
@@ -187,6 +192,74 @@ def test_bad_input_is_a_clear_4xx_and_the_service_stays_healthy(
     assert body["request_id"] == response.headers["x-request-id"]
     assert client.get("/healthz").status_code == 200
     assert client.post("/v1/classify", json={"text": "Net sales rose."}).json()["label"] == "positive"
+
+
+def test_a_batch_item_of_invisible_characters_gets_its_own_error(client: TestClient) -> None:
+    results = client.post("/v1/classify/batch", json={"texts": ["Net sales rose.", "\u2060\u200d"]}).json()["results"]
+    assert results[0]["result"]["label"] == "positive"
+    assert results[1]["error"]["code"] == "invalid_input" and "invisible" in results[1]["error"]["message"]
+
+
+def test_a_media_type_is_quoted_back_only_when_it_looks_like_one(client: TestClient) -> None:
+    for header, shown in (("text/plain", "'text/plain'"), ("text/john.doe@example.com", "another media type"),
+                          ("text/4111111111111111", "another media type")):
+        response = client.post("/v1/classify", content=b'{"text": "ok"}', headers={"content-type": header})
+        assert response.status_code == 415
+        assert response.json()["error"]["message"].endswith(f"(got {shown})"), response.text
+
+
+def test_invalid_json_says_why(client: TestClient) -> None:
+    syntax = client.post("/v1/classify", content=b"not json", headers={"content-type": "application/json"})
+    control = client.post("/v1/classify", content=b'{"text": "a\x01b"}', headers={"content-type": "application/json"})
+    assert syntax.json()["error"]["message"] == "request body is not valid JSON (Expecting value; check its syntax)"
+    assert "raw control characters must be escaped" in control.json()["error"]["message"]
+
+
+class ScoresAsGiven(KeywordClassifier):
+    """Keyword labels, but the texts 'nan', 'inf', 'over' and 'rounding' get broken or borderline scores."""
+
+    BROKEN = {"nan": float("nan"), "inf": float("inf"), "over": 1.5, "rounding": 1.0 + 1e-9}
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        predictions = super().classify(texts)
+        return [Prediction(p.label, self.BROKEN.get(t, p.confidence), p.scores | {p.label: self.BROKEN.get(t, 0.8)})
+                for t, p in zip(texts, predictions, strict=True)]
+
+
+def test_a_score_that_is_not_a_probability_is_a_502_item_error_and_counted(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    with make_client(serving_settings, guard, classifier=ScoresAsGiven()) as test_client:
+        wait_ready(test_client)
+        batch = test_client.post("/v1/classify/batch", json={"texts": ["Sales rose", "nan", "inf", "over",
+                                                                       "rounding"]})
+        single = test_client.post("/v1/classify", json={"text": "nan"})
+        snapshot = test_client.get("/metrics/json").json()
+    assert batch.status_code == 200, batch.text
+    results = batch.json()["results"]
+    assert results[0]["result"]["label"] == "positive"
+    assert [r["error"]["code"] for r in results[1:4]] == ["invalid_output"] * 3
+    rounded = results[4]["result"]
+    assert rounded["confidence"] == 1.0 and rounded["scores"]["neutral"] == 1.0  # clipped float rounding
+    assert single.status_code == 502 and single.json()["error"]["code"] == "invalid_output"
+    assert snapshot["errors"]["by_type"] == {"invalid_output": 4}
+    assert snapshot["predictions"]["counts"] == {"positive": 1, "neutral": 1}
+
+
+def test_an_unexpected_error_is_a_500_the_monitor_counts(serving_settings: Settings, guard: PIIGuard) -> None:
+    app = create_app(serving_settings, classifier=KeywordClassifier(), guard=guard,
+                     monitor=SystemMonitor(serving_settings.monitoring))
+
+    async def broken(text: str) -> dict:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        wait_ready(test_client)
+        app.state.services.classify = broken
+        response = test_client.post("/v1/classify", json={"text": "Net sales rose."})
+        snapshot = test_client.get("/metrics/json").json()
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    assert snapshot["errors"]["by_type"] == {"internal_error": 1}
 
 
 def test_an_unknown_field_is_not_quoted_back_it_may_be_pii(client: TestClient) -> None:
@@ -271,6 +344,8 @@ def test_injected_model_failures_open_the_breaker_and_the_baseline_answers(
     assert ready.status_code == 503 and ready.json()["breaker"] == "open"
     assert snapshot["serving"]["breaker"]["state"] == "open"
     assert snapshot["fallbacks"] == {"model_error": 5, "breaker_open": 2}
+    faults = snapshot["serving"]["faults"]  # what a load test times recovery from
+    assert faults["injected"] == 5 and 0 <= faults["last_fault_age_s"] < 30
 
 
 def test_fail_fast_mode_answers_503_with_retry_after(serving_settings: Settings, guard: PIIGuard) -> None:
@@ -311,6 +386,7 @@ def test_metrics_in_prometheus_and_json(client: TestClient) -> None:
     assert snapshot["request_id"]
     stages = snapshot["serving"]["stage_seconds"]
     assert stages["texts"] == 1 and stages["guard_s"] > 0 and 0 < stages["guard_share"] < 1
+    assert snapshot["serving"]["faults"] is None  # serving.faults is off
 
 
 @pytest.mark.parametrize(

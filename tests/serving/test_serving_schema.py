@@ -74,3 +74,19 @@ def test_schema_documents_auth_errors_and_unique_operations(api_schema: Any) -> 
         if "description" not in spec
     ]
     assert undocumented == []
+
+
+def test_schema_states_the_limits_and_each_endpoints_own_errors(api_schema: Any) -> None:
+    raw, serving = api_schema.raw_schema, api_schema.app.state.services.settings.serving
+    schemas = raw["components"]["schemas"]
+    text, document = schemas["ClassifyRequest"]["properties"]["text"], schemas["AnalyzeRequest"]["properties"]["text"]
+    texts = schemas["BatchRequest"]["properties"]["texts"]
+    assert (text["minLength"], text["maxLength"]) == (1, serving.max_text_chars)
+    assert (document["minLength"], document["maxLength"]) == (1, serving.max_document_chars)
+    assert (texts["minItems"], texts["maxItems"]) == (1, serving.max_batch_items)
+    responses = {path: item["post"]["responses"] for path, item in raw["paths"].items() if path.startswith("/v1/")}
+    assert "invalid_output" in responses["/v1/classify"]["502"]["description"]
+    assert "502" not in responses["/v1/classify/batch"]  # a bad model output is that item's error in a 200
+    assert "batch" in responses["/v1/classify/batch"]["422"]["description"]
+    assert "batch" not in responses["/v1/classify"]["422"]["description"]
+    assert "max_document_sentences" in responses["/v1/analyze"]["422"]["description"]

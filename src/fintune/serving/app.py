@@ -14,6 +14,8 @@ Shutdown is graceful: uvicorn stops accepting connections and waits for in-fligh
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -33,6 +35,7 @@ from fintune.serving.disconnect import CLIENT_CLOSED_STATUS, ClientDisconnectedE
 from fintune.serving.model_adapter import BatchClassifier
 from fintune.serving.pipeline import Guard
 from fintune.serving.routers import analyze, classify, health, metrics
+from fintune.serving.schemas import publish_limits
 from fintune.serving.security import BodySizeLimitMiddleware, RequestIdMiddleware
 from fintune.serving.service import AUTO, ClassifierSource, ItemFailedError, Services
 
@@ -81,9 +84,22 @@ def create_app(
     for router in (classify.router, analyze.router, health.router, metrics.router):
         app.include_router(router)
     _add_error_handlers(app)
+    _publish_limits(app, settings)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes)
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so even a 413 carries the id
     return app
+
+
+def _publish_limits(app: FastAPI, settings: Settings) -> None:
+    """Make /openapi.json state the text, document and batch limits of ``settings.serving``."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = publish_limits(build(), settings.serving)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_env() -> FastAPI:
@@ -104,8 +120,11 @@ def _error(request: Request, status: int, code: str, message: str, retry_after: 
 
 def _readable(errors: Any) -> tuple[int, str, str]:
     """Status, code and one readable message for FastAPI's validation errors."""
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return 400, "invalid_json", "request body is not valid JSON (raw control characters must be escaped)"
+    invalid = [e for e in errors if e.get("type") == "json_invalid"]
+    if invalid:
+        cause = str((invalid[0].get("ctx") or {}).get("error", ""))
+        hint = "raw control characters must be escaped" if "control character" in cause else "check its syntax"
+        return 400, "invalid_json", f"request body is not valid JSON ({cause or 'decode error'}; {hint})"
     parts = []
     for e in errors:
         loc = [p for p in e.get("loc", ()) if p != "body"]
@@ -134,8 +153,9 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """An HTTPException as an ErrorResponse (a body FastAPI could not parse as ``invalid_body``)."""
     code, message = _http_code(exc.status_code), str(exc.detail)
     if exc.status_code == 400 and "parsing the body" in message:
-        code, message = "invalid_body", ("request body could not be parsed: send UTF-8 JSON, nested at most a "
-                                         "few hundred levels deep")
+        code, message = "invalid_body", ("request body could not be parsed as JSON: check its encoding (UTF-8), "
+                                         "its nesting (at most a few hundred levels) and the size of its numbers "
+                                         "(at most 4,300 digits)")
     return _error(request, exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
@@ -151,7 +171,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         if media_type and media_type != "application/json" and not media_type.endswith("+json"):
             # FastAPI reads such a body as no JSON at all and reports "Input should be a valid dictionary"
             return _error(request, 415, "unsupported_media_type",
-                          f"send the body as JSON with Content-Type: application/json (got {media_type!r})")
+                          f"send the body as JSON with Content-Type: application/json (got {_shown(media_type)})")
         status, code, message = _readable(exc.errors())
         return _error(request, status, code, message)
 
@@ -184,7 +204,19 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        services = getattr(request.app.state, "services", None)
+        if services is not None:  # a server error the health score and error rate must see
+            started = getattr(request.state, "started_at", None)
+            services.monitor.record(0.0 if started is None else time.perf_counter() - started, error="internal_error")
         return _error(request, 500, "internal_error", "internal error; the request id identifies it in the logs")
+
+
+_MEDIA_TYPE = re.compile(r"[a-z]+/[a-z.+-]{1,60}")  # no digits, no @: a header can carry anything, PII too
+
+
+def _shown(media_type: str) -> str:
+    """The client's media type quoted back when it looks like one, else a placeholder."""
+    return repr(media_type) if _MEDIA_TYPE.fullmatch(media_type) else "another media type"
 
 
 def _http_code(status: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -34,20 +35,26 @@ def _sentencizer() -> Any:
     return nlp
 
 
+def is_blank(text: str) -> bool:
+    """Whether ``text`` has nothing to classify: only whitespace and invisible format characters (zero-width
+    spaces, joiners, byte-order marks; ``str.strip`` keeps those)."""
+    return not "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
+
+
 def split_sentences(document: str) -> list[str]:
-    """The document's sentences, stripped, empty ones dropped, in order."""
+    """The document's sentences, stripped, blank ones dropped, in order."""
     nlp = _sentencizer()
     sentences: list[str] = []
     for paragraph in _PARAGRAPH.split(document):
-        if paragraph.strip():
-            sentences += [s.text.strip() for s in nlp(paragraph).sents if s.text.strip()]
+        if not is_blank(paragraph):
+            sentences += [s.text.strip() for s in nlp(paragraph).sents if not is_blank(s.text)]
     return sentences
 
 
 def check_document(document: str, max_chars: int, max_sentences: int, sentences: Sequence[str]) -> None:
     """InvalidInputError when the document is empty, too long or has too many sentences."""
-    if not document.strip():
-        raise InvalidInputError("text is empty or only whitespace: send the document's text")
+    if is_blank(document):
+        raise InvalidInputError("text is empty or only whitespace or invisible characters: send the document's text")
     if len(document) > max_chars:
         raise InvalidInputError(
             f"document has {len(document)} characters, more than the limit of {max_chars} "

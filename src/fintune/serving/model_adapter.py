@@ -93,6 +93,7 @@ class FaultInjectingClassifier:
         self._lock = threading.Lock()
         self._started = clock()
         self.injected = 0
+        self._last_fault_at: float | None = None
 
     def classify(self, texts: list[str]) -> list[Prediction]:
         """Sleep ``delay_ms``, maybe raise, else classify."""
@@ -111,7 +112,16 @@ class FaultInjectingClassifier:
         with self._lock:
             failed = self._random.random() < f.rate
             self.injected += failed
+            if failed:
+                self._last_fault_at = self.clock()
         return failed
+
+    def describe(self) -> dict[str, Any]:
+        """Faults injected so far, and seconds since the last one (None before the first), for /metrics/json."""
+        with self._lock:
+            last = self._last_fault_at
+            return {"injected": self.injected,
+                    "last_fault_age_s": None if last is None else round(self.clock() - last, 3)}
 
 
 def with_faults(classifier: BatchClassifier, faults: FaultInjectionSettings) -> BatchClassifier:

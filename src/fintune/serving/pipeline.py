@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import unicodedata
@@ -30,7 +31,8 @@ from fintune.config import RecoverySettings, Settings
 from fintune.errors import CircuitOpenError, InvalidInputError
 from fintune.guardrails import GuardrailResult
 from fintune.reliability import BreakerState, CircuitBreaker, RecoveryManager
-from fintune.serving.model_adapter import BatchClassifier, Prediction, with_faults
+from fintune.serving.documents import is_blank
+from fintune.serving.model_adapter import BatchClassifier, FaultInjectingClassifier, Prediction, with_faults
 
 logger = logging.getLogger(__name__)
 ALLOWED_CONTROLS = frozenset("\t\n\r")
@@ -129,8 +131,8 @@ class ItemOutcome:
 
 def validate_text(text: str, max_chars: int) -> str:
     """``text`` itself when it is classifiable; InvalidInputError saying what is wrong otherwise."""
-    if not text.strip():
-        raise InvalidInputError("text is empty or only whitespace: send at least one word")
+    if is_blank(text):
+        raise InvalidInputError("text is empty or only whitespace or invisible characters: send at least one word")
     if len(text) > max_chars:
         raise InvalidInputError(
             f"text has {len(text)} characters, more than the limit of {max_chars} (serving.max_text_chars): "
@@ -151,6 +153,24 @@ def check_characters(text: str, what: str = "text") -> None:
                 f"{what} holds control character U+{ord(char):04X} at position {index}; only tab and newlines "
                 "are allowed"
             )
+
+
+def probabilities_or_none(p: Prediction, tolerance: float = 1e-6) -> Prediction | None:
+    """``p`` with its confidence and scores clipped to 0..1 when each is a finite number at most ``tolerance``
+    outside (float rounding of a softmax); None when any is NaN, infinite or further out."""
+    values = [p.confidence, *p.scores.values()]
+    if not all(math.isfinite(v) and -tolerance <= v <= 1 + tolerance for v in values):
+        return None
+    return Prediction(p.label, _unit(p.confidence), {label: _unit(v) for label, v in p.scores.items()})
+
+
+def _unit(value: float) -> float:
+    """``value`` clipped to 0..1."""
+    return min(1.0, max(0.0, value))
+
+
+_NOT_READY = {"loading": "the model is still loading", "failed": "the model failed to load",
+              "reloading": "the model is reloading after running out of memory"}
 
 
 def guard_failed(exc: BaseException) -> ItemError:
@@ -176,17 +196,29 @@ class ModelSlot:
         self.error: str | None = None
         self.recovery: RecoveryManager[BatchClassifier] | None = None
         self.tag: ModelTag | None = None
+        self.fault_injector: FaultInjectingClassifier | None = None
+
+    def _with_faults(self, model: BatchClassifier) -> BatchClassifier:
+        """``model`` wrapped in the configured fault injection, which is kept for :meth:`faults_seen`."""
+        wrapped = with_faults(model, self.faults)
+        if isinstance(wrapped, FaultInjectingClassifier):
+            self.fault_injector = wrapped
+        return wrapped
+
+    def faults_seen(self) -> dict[str, Any] | None:
+        """The fault injector's count and age of its last fault; None when ``serving.faults`` is off."""
+        return None if self.fault_injector is None else self.fault_injector.describe()
 
     def load(self) -> None:
         """Load the model (slow; call it in a thread); on failure the slot stays not ready."""
         try:
-            model = with_faults(self.loader(), self.faults)
+            model = self._with_faults(self.loader())
         except Exception as exc:  # any loader failure leaves the service up, degraded
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             logger.error("model load failed, serving degraded: %s", self.error)
             return
         self.recovery = RecoveryManager(
-            lambda: with_faults(self.loader(), self.faults), self.recovery_settings, breaker=self.breaker,
+            lambda: self._with_faults(self.loader()), self.recovery_settings, breaker=self.breaker,
             model=model, reload_in_background=self.reload_in_background,
         )
         self.tag = ModelTag(model.name, model.profile, model.version)
@@ -321,7 +353,7 @@ class ClassificationPipeline:
                     self.monitor.record_fallback(reason)
                 return predictions, True, self.fallback_tag, None
         message = {
-            "model_not_ready": f"the model is {self.slot.status}",
+            "model_not_ready": _NOT_READY.get(self.slot.status, "the model is not ready"),
             "breaker_open": "the model failed repeatedly and its circuit breaker is open",
             "model_error": "the model failed on this batch",
         }[reason]
@@ -329,12 +361,17 @@ class ClassificationPipeline:
         return [], False, None, ItemError("model_unavailable", f"{message}{hint}; retry later", 503, retry)
 
     def _checked(self, guarded: GuardrailResult, p: Prediction, degraded: bool, tag: ModelTag | None) -> ItemOutcome:
-        """Apply the output checks; an invalid label becomes an error."""
-        checked = self.guard.check_output(guarded, p.label, p.confidence)
+        """Apply the output checks; an invalid label, or a score that is not a probability, becomes an error."""
+        clean = probabilities_or_none(p)
+        checked = self.guard.check_output(guarded, p.label, clean.confidence if clean else 0.0)
         if checked.invalid_label or p.label not in LABELS:
             error = ItemError("invalid_label", "the model produced a label outside negative/neutral/positive", 502)
-            return ItemOutcome(guardrail=checked, error=error, degraded=degraded, model=tag)
-        return ItemOutcome(prediction=p, guardrail=checked, degraded=degraded, model=tag)
+        elif clean is None:
+            error = ItemError("invalid_output", "the model produced a score that is not a probability (NaN, "
+                              "infinite or outside 0..1)", 502)
+        else:
+            return ItemOutcome(prediction=clean, guardrail=checked, degraded=degraded, model=tag)
+        return ItemOutcome(guardrail=checked, error=error, degraded=degraded, model=tag)
 
     def _check_latency(self, batch_size: int) -> None:
         """Let the RecoveryManager look for a latency spike in the model-answered latencies (it logs one
@@ -393,4 +430,5 @@ class ClassificationPipeline:
             "degraded_available": self.degraded_available,
             "stage_seconds": self.times.as_dict(),
             "latency_baseline_p95_s": None if self.slot.recovery is None else self.slot.recovery.latency_baseline_p95_s,
+            "faults": self.slot.faults_seen(),
         }

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fintune.config import ServingSettings
 from fintune.guardrails import GuardrailResult
 
 Label = Literal["negative", "neutral", "positive"]
@@ -202,21 +203,57 @@ def _error_response(description: str, **headers: str) -> dict[str, Any]:
 
 _RETRY_AFTER = "Seconds after which a retry can succeed (whole seconds, at least 1), when one can."
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: _error_response("`invalid_json`: the body is not valid JSON; `invalid_body`: it is not UTF-8 or is "
-                         "nested too deeply."),
-    401: _error_response("`unauthorized`: the API key is missing or wrong (only when serving.api_key is set).",
-                         **{"WWW-Authenticate": "Bearer"}),
-    413: _error_response("`body_too_large`: the body is over serving.max_body_bytes."),
-    415: _error_response("`unsupported_media_type`: send the body with Content-Type: application/json."),
-    422: _error_response("`invalid_request`: a wrong type, a missing or unknown field; `invalid_input`: empty or "
-                         "whitespace text, a text over serving.max_text_chars, control characters, an empty or "
-                         "oversized batch."),
-    500: _error_response("`guardrail_failed`: the PII guard failed, so nothing reached the model; "
-                         "`internal_error`: anything else (the request id finds it in the logs)."),
-    502: _error_response("`invalid_label`: the model answered a label outside negative/neutral/positive."),
-    503: _error_response("`overloaded`: the queue is full; `model_unavailable`: the circuit breaker is open, the "
-                         "model failed or is loading, and no TF-IDF baseline stands in "
-                         "(serving.degraded_mode `fail`, or none trained).",
-                         **{"Retry-After": _RETRY_AFTER}),
-}
+
+def _error_responses(invalid_input: str, server_errors: str, bad_output: str | None) -> dict[int | str, dict[str, Any]]:
+    """The error responses of one endpoint: the shared ones and its own 422 / 500 / 502 meanings."""
+    responses: dict[int | str, dict[str, Any]] = {
+        400: _error_response("`invalid_json`: the body is not valid JSON; `invalid_body`: it is not UTF-8, is "
+                             "nested too deeply or holds a number of more than 4,300 digits."),
+        401: _error_response("`unauthorized`: the API key is missing or wrong (only when serving.api_key is set).",
+                             **{"WWW-Authenticate": "Bearer"}),
+        413: _error_response("`body_too_large`: the body is over serving.max_body_bytes."),
+        415: _error_response("`unsupported_media_type`: send the body with Content-Type: application/json."),
+        422: _error_response(f"`invalid_request`: a wrong type, a missing or unknown field; `invalid_input`: "
+                             f"{invalid_input}."),
+        500: _error_response(f"{server_errors}`internal_error`: anything else (the request id finds it in the logs)."),
+        503: _error_response("`overloaded`: the queue is full; `model_unavailable`: the circuit breaker is open, the "
+                             "model failed or is loading, and no TF-IDF baseline stands in "
+                             "(serving.degraded_mode `fail`, or none trained).",
+                             **{"Retry-After": _RETRY_AFTER}),
+    }
+    if bad_output is not None:
+        responses[502] = _error_response(bad_output)
+    return responses
+
+
+_BAD_OUTPUT = ("`invalid_label`: the model answered a label outside negative/neutral/positive; `invalid_output`: "
+               "a score that is not a probability (NaN, infinite, outside 0..1)")
+_CONTENT = "control characters other than tab and newlines, or a lone surrogate"
+
+CLASSIFY_ERRORS = _error_responses(
+    f"empty text (whitespace and invisible characters only), a text over serving.max_text_chars, {_CONTENT}",
+    "`guardrail_failed`: the PII guard failed, so nothing reached the model; ", _BAD_OUTPUT + ".",
+)
+BATCH_ERRORS = _error_responses(
+    "an empty batch or one over serving.max_batch_items (a bad text, a failed guard or model output gets its "
+    "own `error` inside a 200 instead)",
+    "", None,
+)
+ANALYZE_ERRORS = _error_responses(
+    f"an empty document, one over serving.max_document_chars or serving.max_document_sentences, {_CONTENT}",
+    "`guardrail_failed`: the PII guard failed, so nothing reached the model; ",
+    _BAD_OUTPUT + ", for every sentence (when only some fail, they are listed in `failed` inside a 200).",
+)
+
+
+def publish_limits(openapi: dict[str, Any], serving: ServingSettings) -> dict[str, Any]:
+    """``openapi`` with the request limits the service enforces written into its request schemas (the pipeline
+    checks them, so its own messages and per-item batch errors stay; the schema tells clients in advance)."""
+    schemas = openapi.get("components", {}).get("schemas", {})
+    limits = {("ClassifyRequest", "text"): {"minLength": 1, "maxLength": serving.max_text_chars},
+              ("AnalyzeRequest", "text"): {"minLength": 1, "maxLength": serving.max_document_chars},
+              ("BatchRequest", "texts"): {"minItems": 1, "maxItems": serving.max_batch_items}}
+    for (model, field_name), limit in limits.items():
+        if model in schemas:
+            schemas[model]["properties"][field_name].update(limit)
+    return openapi

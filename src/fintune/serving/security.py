@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import time
 import uuid
 from typing import Any
 
@@ -149,7 +150,8 @@ def request_id_of(scope: Scope) -> str:
 
 
 class RequestIdMiddleware:
-    """Give every HTTP request an id, store it in the scope state and echo it in X-Request-ID."""
+    """Give every HTTP request an id and a start time, store both in the scope state and echo the id in
+    X-Request-ID."""
 
     def __init__(self, app: ASGIApp) -> None:
         """Wrap ``app``."""
@@ -161,7 +163,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = _client_id(scope) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        scope.setdefault("state", {}).update(request_id=request_id, started_at=time.perf_counter())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -223,7 +223,7 @@ class Services:
         started = time.perf_counter()
         pipeline, _ = self._parts()
         s = self.settings.serving
-        if len(document) > s.max_document_chars or not document.strip():
+        if len(document) > s.max_document_chars or documents.is_blank(document):
             documents.check_document(document, s.max_document_chars, s.max_document_sentences, [])
         check_characters(document, "document")  # positions in the document; spaCy never sees a lone surrogate
         masked, masks = await asyncio.to_thread(_mask_document, pipeline, document)

@@ -8,14 +8,13 @@ from fastapi import APIRouter, Depends, Request
 
 from fintune.serving.dependencies import get_request_id, get_services, require_api_key
 from fintune.serving.disconnect import unless_disconnected
-from fintune.serving.schemas import ERROR_RESPONSES, AnalyzeRequest, AnalyzeResponse
+from fintune.serving.schemas import ANALYZE_ERRORS, AnalyzeRequest, AnalyzeResponse
 from fintune.serving.service import Services
 
-router = APIRouter(prefix="/v1", tags=["analyze"], dependencies=[Depends(require_api_key)],
-                   responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["analyze"], dependencies=[Depends(require_api_key)])
 
 
-@router.post("/analyze", response_model=AnalyzeResponse, summary="Analyse a document")
+@router.post("/analyze", response_model=AnalyzeResponse, responses=ANALYZE_ERRORS, summary="Analyse a document")
 async def analyze(
     body: AnalyzeRequest,
     services: Annotated[Services, Depends(get_services)],

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Depends, Request
 from fintune.serving.dependencies import get_request_id, get_services, require_api_key
 from fintune.serving.disconnect import unless_disconnected
 from fintune.serving.schemas import (
-    ERROR_RESPONSES,
+    BATCH_ERRORS,
+    CLASSIFY_ERRORS,
     BatchRequest,
     BatchResponse,
     ClassifyRequest,
@@ -17,11 +18,10 @@ from fintune.serving.schemas import (
 )
 from fintune.serving.service import Services
 
-router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key)],
-                   responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1", tags=["classify"], dependencies=[Depends(require_api_key)])
 
 
-@router.post("/classify", response_model=ClassifyResponse, summary="Classify one text")
+@router.post("/classify", response_model=ClassifyResponse, responses=CLASSIFY_ERRORS, summary="Classify one text")
 async def classify(
     body: ClassifyRequest,
     services: Annotated[Services, Depends(get_services)],
@@ -32,7 +32,8 @@ async def classify(
     return {**await unless_disconnected(request, services.classify(body.text)), "request_id": request_id}
 
 
-@router.post("/classify/batch", response_model=BatchResponse, summary="Classify several texts")
+@router.post("/classify/batch", response_model=BatchResponse, responses=BATCH_ERRORS,
+             summary="Classify several texts")
 async def classify_batch(
     body: BatchRequest,
     services: Annotated[Services, Depends(get_services)],
