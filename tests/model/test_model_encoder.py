@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fintune.config import PROJECT_ROOT
+from fintune.monitoring import load_drift_baseline
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,10 @@ def test_encoder_runs_without_bitsandbytes_peft_or_trl(tiny_data_dir: Path, tmp_
     assert set(result["labels"]) <= {"negative", "neutral", "positive"} and len(result["labels"]) == 2
     assert (tmp_path / "encoder" / "fintune.json").is_file()
     assert (tmp_path / "encoder" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    baseline = load_drift_baseline(tmp_path / "encoder")  # the service's drift detection works for it too
+    validation = json.loads((tmp_path / "encoder" / "validation_report.json").read_text())
+    predicted_per_label = tuple(int(sum(column)) for column in zip(*validation["confusion_matrix"], strict=True))
+    assert baseline.counts == predicted_per_label and sum(baseline.counts) > 0
     assert result["dtypes"] == ["torch.float32", "torch.bfloat16"]
     assert result["bf16_gap"] < 0.05  # the bf16 fast path scores like the fp32 model it was trained as
     fitted, applied = result["temperatures"]

