@@ -1,4 +1,4 @@
-"""Inference paths of a trained QLoRA adapter; writes benchmarks/results/model_inference_<profile>.json.
+"""Inference paths of a trained QLoRA adapter; writes benchmarks/results/model_inference_<profile>[_<subset>].json.
 
 Scores the test split with the same adapter seven ways and compares them with the unmerged NF4 model (the model
 exactly as it was trained):
@@ -32,23 +32,24 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _args import positive_int  # benchmarks/_args.py, beside this script
 
 from fintune import LABELS
 from fintune.config import InferenceSettings, Settings, load_settings
 from fintune.data import load_splits
+from fintune.errors import FinTuneError
 from fintune.evaluation import classification_metrics, latency_percentiles, write_json
 from fintune.model.assessment import unseen_test_examples
 from fintune.model.card import read_card
 from fintune.model.inference import SentimentClassifier
 from fintune.model.precision import resolve_dtype
-from fintune.provenance import provenance
+from fintune.provenance import command_line, provenance
 
 RESULTS = Path(__file__).parent / "results"
 PATHS: dict[str, dict[str, Any]] = {
@@ -140,26 +141,55 @@ def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    """Score every path and write the result file."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True, help="A folder written by `fintune train`.")
     parser.add_argument("--subset", default=None, help="Test split to score (default: the model's own subset).")
-    parser.add_argument("--latency-samples", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3, help="Batched passes over the test split (median kept).")
+    parser.add_argument("--latency-samples", type=positive_int, default=None,
+                        help="Single-sentence predictions timed per path for p50/p95 (default: the profile's "
+                        "model.inference.latency_samples).")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="Batched passes over the test split (median kept).")
     parser.add_argument("--paths", nargs="+", default=None,
                         help="Only these paths (nf4, the reference, is always scored), each also timed on random "
                         "16-sentence groups; default: all, the groups for the profile's path only.")
-    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--output", type=Path, default=None,
+                        help="Result JSON (default: benchmarks/results/model_inference_<profile>.json, with _<subset> "
+                        "added when the subset is not the profile's default).")
+    return parser
+
+
+def default_output(profile: str, subset: str, profile_subset: str) -> Path:
+    """``model_inference_<profile>.json``, with ``_<subset>`` when it is not the profile's, so runs on another
+    subset do not overwrite it."""
+    suffix = "" if subset == profile_subset else f"_{subset}"
+    return RESULTS / f"model_inference_{profile}{suffix}.json"
+
+
+def main() -> None:
+    """Score every path and write the result file; a configuration error ends in one line and exit code 2."""
+    parser = build_parser()
     args = parser.parse_args()
     unknown = set(args.paths or []) - set(PATHS)
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {sorted(PATHS)}")
+    try:
+        output = measure(args)
+    except (FinTuneError, OSError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(f"written to {output}")
+
+
+def measure(args: argparse.Namespace) -> Path:
+    """Score the chosen paths of ``args.model`` and write the result file; returns its path."""
     paths = {name: how for name, how in PATHS.items() if not args.paths or name == "nf4" or name in args.paths}
     card = read_card(args.model)
     profile = card["profile"]
     settings = load_settings(profile)
-    splits = load_splits(settings, args.subset or card["data"]["subset"])
+    subset = args.subset or card["data"]["subset"]
+    splits = load_splits(settings, subset)
+    samples = args.latency_samples or settings.model.inference.latency_samples
     test = unseen_test_examples(settings, splits, card)  # never sentences the model trained on
     texts, labels = [ex.text for ex in test], [ex.label for ex in test]
     results: dict[str, Any] = {}
@@ -171,7 +201,7 @@ def main() -> None:
         )
         classifier = SentimentClassifier.from_pretrained(args.model, path_settings, merge=how["merge"])
         results[name] = {"packed": classifier.packed,
-                         **score(classifier, texts, labels, args.latency_samples, args.repeats)}
+                         **score(classifier, texts, labels, samples, args.repeats)}
         if name == profile_path(settings.model.inference) or name in (args.paths or []):
             # packing switches the model's attention, so the padded timings need a model of their own
             padded = classifier if not classifier.packed else SentimentClassifier.from_pretrained(
@@ -185,18 +215,18 @@ def main() -> None:
     reference = results["nf4"]["probabilities"]
     for figures in results.values():
         figures.update(agreement(reference, figures.pop("probabilities")))
-    output = args.output or RESULTS / f"model_inference_{profile}.json"
-    write_json(output, {
-        "provenance": provenance("python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])),
+    output = args.output or default_output(profile, splits.subset, settings.data.subset)
+    return write_json(output, {
+        "provenance": provenance(command_line(keep_path=True)),
         "model": {"dir": str(args.model), "profile": profile, "base_model": card["base_model"],
                   "trained_fingerprint": card["data"]["fingerprint"]},
         "data": {**splits.describe(), "evaluated_sentences": len(texts)},
         "threads": torch.get_num_threads(),
         "batch_size": settings.model.inference.batch_size,
         "pack_tokens": settings.model.inference.pack_tokens,
+        "latency_samples": samples,
         "paths": results,
     })
-    print(f"written to {output}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ its previous answer arrives). Measures, per profile and number of concurrent cli
 * a fault run: 32 clients for 60 s while the model raises on a share of its batch calls for a while
   (``serving.faults``); every request must be answered (a label, degraded or not, or an explicit error
   status with a JSON body: nothing lost), and ``/readyz`` must say healthy again within the breaker's
-  recovery timeout after the last fault.
+  recovery timeout after the last fault actually injected (faults are drawn on model calls only, and an OPEN
+  breaker makes none: the service's ``/metrics/json`` tells how long ago the last one was).
 
 Clients and server share this machine's cores, as they would on one small host.
 
@@ -43,14 +44,21 @@ from typing import Any
 import httpx
 import matplotlib.pyplot as plt
 import numpy as np
+from _args import non_negative_float, positive_float, positive_int  # benchmarks/_args.py
 
-from fintune.config import load_settings
+from fintune.config import check_override_names, load_settings
 from fintune.data import load_splits
-from fintune.evaluation import save_figure
-from fintune.provenance import provenance
+from fintune.errors import ArtifactError, FinTuneError
+from fintune.evaluation import save_figure, write_json
+from fintune.provenance import command_line, provenance
 
 RESULT = Path(__file__).parent / "results" / "serving_load.json"
 LOG_DIR = Path(__file__).resolve().parents[1] / "outputs" / "benchmarks" / "serving_load"
+PACKAGES = ("fintune", "torch", "transformers", "fastapi", "uvicorn", "httpx")
+
+
+class ServiceStartError(RuntimeError):
+    """A service started for the benchmark exited or never got ready (its log says why)."""
 
 
 @dataclass
@@ -66,20 +74,24 @@ class Tally:
     def summary(self, seconds: float) -> dict[str, Any]:
         """JSON-ready figures of the level."""
         answered = sum(self.statuses.values())
-        ms = np.asarray(self.latencies_s) * 1000 if self.latencies_s else np.zeros(1)
         return {
             "seconds": round(seconds, 2),
             "requests": answered + self.lost,
             "answered": answered,
             "throughput_rps": round(answered / seconds, 2),
-            "p50_ms": round(float(np.percentile(ms, 50)), 1),
-            "p95_ms": round(float(np.percentile(ms, 95)), 1),
-            "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            **self.percentiles(),
             "statuses": dict(sorted(self.statuses.items())),
             "degraded": self.degraded,
             "lost": self.lost,
             "lost_reasons": dict(self.lost_reasons),
         }
+
+    def percentiles(self) -> dict[str, float | None]:
+        """p50 / p95 / p99 latency in ms; None each when no request got an answer to time."""
+        if not self.latencies_s:
+            return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+        values = np.percentile(np.asarray(self.latencies_s) * 1000, [50, 95, 99])
+        return {f"p{q}_ms": round(float(v), 1) for q, v in zip((50, 95, 99), values, strict=True)}
 
 
 # ---- the server ------------------------------------------------------------------------------------------------
@@ -112,18 +124,18 @@ def service(profile: str, log_name: str, **overrides: str) -> Iterator[str]:
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout_s: float = 300.0) -> None:
-    """Poll /readyz until 200; RuntimeError when the server dies or never gets ready."""
+    """Poll /readyz until 200; ServiceStartError when the server dies or never gets ready."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}; see {LOG_DIR}")
+            raise ServiceStartError(f"the server exited with {process.returncode}; see its log in {LOG_DIR}")
         try:
             if httpx.get(url + "/readyz", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
-    raise RuntimeError(f"the server was not ready after {timeout_s} s; see {LOG_DIR}")
+    raise ServiceStartError(f"the server was not ready after {timeout_s} s; see its log in {LOG_DIR}")
 
 
 # ---- the clients -----------------------------------------------------------------------------------------------
@@ -195,8 +207,8 @@ def measure_level(url: str, texts: list[str], clients: int, seconds: float) -> d
     batches = after["batches"] - before["batches"]
     summary = tally.summary(elapsed) | {"clients": clients, "guard_share": guard_share(before, after)}
     summary["mean_batch_size"] = round((after["texts"] - before["texts"]) / batches, 2) if batches else 0.0
-    print(f"  {clients:>2} clients: {summary['throughput_rps']:7.1f} req/s, p50 {summary['p50_ms']:.0f} ms, "
-          f"p99 {summary['p99_ms']:.0f} ms, batch {summary['mean_batch_size']}, lost {summary['lost']}", flush=True)
+    print(f"  {clients:>2} clients: {summary['throughput_rps']:7.1f} req/s, p50 {summary['p50_ms']} ms, "
+          f"p99 {summary['p99_ms']} ms, batch {summary['mean_batch_size']}, lost {summary['lost']}", flush=True)
     return summary
 
 
@@ -232,8 +244,11 @@ async def poll_ready(url: str, stop: asyncio.Event, transitions: list[tuple[floa
             await asyncio.sleep(0.25)
 
 
-async def fault_load(url: str, texts: list[str], clients: int, seconds: float, settle_s: float) -> dict[str, Any]:
-    """The load with /readyz polled throughout and for ``settle_s`` afterwards."""
+async def fault_load(
+    url: str, texts: list[str], clients: int, seconds: float, settle_s: float
+) -> tuple[dict[str, Any], float]:
+    """The load with /readyz polled throughout and for ``settle_s`` afterwards, and when it began (``t0``, on
+    ``time.perf_counter``: the /readyz transitions are seconds since then)."""
     stop = asyncio.Event()
     transitions: list[tuple[float, int]] = []
     t0 = time.perf_counter()
@@ -244,95 +259,178 @@ async def fault_load(url: str, texts: list[str], clients: int, seconds: float, s
         await asyncio.sleep(0.25)
     stop.set()
     await poller
-    return {"tally": tally.summary(elapsed) | {"clients": clients}, "readyz_transitions": transitions}
+    return {"tally": tally.summary(elapsed) | {"clients": clients}, "readyz_transitions": transitions}, t0
 
 
-def fault_run(profile: str, texts: list[str], clients: int, seconds: float, rate: float,
-              start_s: float, stop_s: float, **common: str) -> dict[str, Any]:
-    """60 s at 32 clients while the model fails a share of its batches between start_s and stop_s."""
+def metrics_snapshot(url: str, t0: float) -> tuple[dict[str, Any], float]:
+    """GET /metrics/json, and when it was read: seconds since ``t0``, the middle of the request."""
+    sent = time.perf_counter()
+    body = httpx.get(url + "/metrics/json", timeout=10).json()
+    return body, round((sent + time.perf_counter()) / 2 - t0, 3)
+
+
+def fault_run(profile: str, texts: list[str], clients: int, seconds: float, faults: dict[str, float],
+              trial_slack_s: float = 1.0, **common: str) -> dict[str, Any]:
+    """``seconds`` at ``clients`` clients while the model fails a share (``faults["rate"]``) of its batches between
+    ``faults["start_s"]`` and ``faults["stop_s"]`` after it got ready."""
     recovery_timeout = load_settings(profile).reliability.recovery_timeout_s
-    print(f"fault run: {profile}, {clients} clients, {seconds:.0f} s, faults {rate:.0%} of model calls "
-          f"from {start_s:.0f} s to {stop_s:.0f} s after ready", flush=True)
-    overrides = common | {"serving__faults__rate": str(rate), "serving__faults__start_s": str(start_s),
-                 "serving__faults__stop_s": str(stop_s), "serving__faults__seed": "7"}
+    print(f"fault run: {profile}, {clients} clients, {seconds:.0f} s, faults {faults['rate']:.0%} of model calls "
+          f"from {faults['start_s']:.0f} s to {faults['stop_s']:.0f} s after ready", flush=True)
+    overrides = common | {f"serving__faults__{key}": str(value) for key, value in faults.items()}
     with service(profile, f"{profile}-faults", **overrides) as url:
         ready_at = time.perf_counter()  # faults are counted from the moment the model got ready (about now)
-        result = asyncio.run(fault_load(url, texts, clients, seconds, settle_s=recovery_timeout + 30))
-        offset = round(time.perf_counter() - ready_at - result["tally"]["seconds"], 2)
-        snapshot = httpx.get(url + "/metrics/json", timeout=10).json()
-    return summarise_faults(result, snapshot, offset, recovery_timeout, rate, start_s, stop_s)
+        model = served_model(url)
+        result, t0 = asyncio.run(fault_load(url, texts, clients, seconds, settle_s=recovery_timeout + 30))
+        # after the load no model call is made, so the snapshot's last fault is the run's last
+        snapshot, read_at_s = metrics_snapshot(url, t0)
+    summary = summarise_faults(result, snapshot, read_at_s, round(t0 - ready_at, 2), recovery_timeout, faults,
+                               trial_slack_s)
+    return {"model": model, **summary}
 
 
-def summarise_faults(result: dict[str, Any], snapshot: dict[str, Any], offset: float, recovery_timeout: float,
-                     rate: float, start_s: float, stop_s: float) -> dict[str, Any]:
-    """The fault run's figures: lost requests and the time from the last fault to /readyz 200."""
+def last_fault_at(snapshot: dict[str, Any], read_at_s: float) -> float | None:
+    """When the last injected fault came, in seconds since the load began: the snapshot's ``serving.faults``
+    age of it, back from when the snapshot was read; None when injection is off or injected nothing."""
+    seen = snapshot.get("serving", {}).get("faults")
+    if not seen or seen.get("last_fault_age_s") is None:
+        return None
+    return round(read_at_s - seen["last_fault_age_s"], 2)
+
+
+def healthy_after(transitions: list[tuple[float, int]], moment_s: float | None) -> float | None:
+    """Seconds from ``moment_s`` until /readyz said 200 for good (0 when it already did then and stayed so); None
+    without a moment, or when /readyz did not end at 200."""
+    if moment_s is None or not transitions or transitions[-1][1] != 200:
+        return None
+    return round(max(transitions[-1][0] - moment_s, 0.0), 2)
+
+
+def breaker_openings(breaker: dict[str, Any]) -> int:
+    """How many times the breaker went OPEN (from CLOSED or HALF_OPEN), from its snapshot's transition counts."""
+    return sum(count for change, count in breaker.get("transitions", {}).items() if change.endswith("->open"))
+
+
+def summarise_faults(result: dict[str, Any], snapshot: dict[str, Any], read_at_s: float, offset: float,
+                     recovery_timeout: float, faults: dict[str, float], trial_slack_s: float = 1.0) -> dict[str, Any]:
+    """The fault run's figures: lost requests, the breaker's openings and the time from the last fault actually
+    injected (and from the end of the fault window) to /readyz 200 for good.
+
+    An OPEN breaker lets a trial call through only once ``recovery_timeout`` has passed, so /readyz can say 200
+    no sooner than that after the fault that opened it; ``trial_slack_s`` allows for that trial call and the
+    0.25 s /readyz poll on top of the timeout ("healthy again within the recovery timeout")."""
     transitions = result["readyz_transitions"]
-    # readyz times are since the load began; faults are timed from readiness, which came ~offset s earlier
-    last_fault_s = stop_s - max(offset, 0.0)
-    back = [t for t, code in transitions if code == 200 and t >= last_fault_s]
-    healthy_after = round(back[0] - last_fault_s, 2) if back else None
-    unhealthy = [t for t, code in transitions if code != 200]
-    print(f"  lost {result['tally']['lost']}, readyz {transitions}, healthy {healthy_after} s after the last fault",
-          flush=True)
+    # readyz times are since the load began; the fault window is timed from readiness, offset s earlier
+    last_fault_s = last_fault_at(snapshot, read_at_s)
+    after_last = healthy_after(transitions, last_fault_s)
+    breaker = snapshot["serving"]["breaker"]
+    seen = snapshot["serving"].get("faults") or {}
+    print(f"  lost {result['tally']['lost']}, readyz {transitions}, last fault at {last_fault_s} s, healthy "
+          f"{after_last} s after it", flush=True)
     return {
-        "faults": {"rate": rate, "start_s": start_s, "stop_s": stop_s, "seed": 7},
+        "faults": dict(faults),
         **result,
+        "load_offset_s": offset,
+        "faults_injected": seen.get("injected"),
+        "last_fault_s": last_fault_s,
         "breaker_recovery_timeout_s": recovery_timeout,
-        "breaker_opened": bool(unhealthy),
-        "healthy_after_last_fault_s": healthy_after,
-        "healthy_within_recovery_timeout": healthy_after is not None and healthy_after <= recovery_timeout,
-        "breaker": snapshot["serving"]["breaker"],
+        "breaker_opened": breaker_openings(breaker) > 0,
+        "breaker_openings": breaker_openings(breaker),
+        "healthy_after_last_fault_s": after_last,
+        "healthy_after_fault_window_s": healthy_after(transitions, faults["stop_s"] - offset),
+        "seconds_past_recovery_timeout": None if after_last is None else round(after_last - recovery_timeout, 2),
+        "trial_slack_s": trial_slack_s,
+        "healthy_within_recovery_timeout": None if last_fault_s is None
+        else after_last is not None and after_last <= recovery_timeout + trial_slack_s,
+        "breaker": breaker,
         "errors": snapshot.get("errors", {}),
         "fallbacks": snapshot.get("fallbacks", {}),
     }
 
 
-def main() -> None:
-    """Run the scenarios and write the result file."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profiles", nargs="+", default=["cpu", "encoder"], help="Profiles measured per level.")
-    parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32], help="Concurrent clients.")
-    parser.add_argument("--seconds", type=float, default=20.0, help="Length of each load level.")
-    parser.add_argument("--fault-seconds", type=float, default=60.0, help="Length of the fault run (0: skip).")
+    parser.add_argument("--profiles", nargs="+", default=["cpu", "encoder"],
+                        help="Profiles measured per level. A cpu run at batch size 1 (at the most clients) always "
+                        "happens too, and so does a cpu fault run unless --fault-seconds is 0.")
+    parser.add_argument("--levels", nargs="+", type=positive_int, default=[1, 8, 32], help="Concurrent clients.")
+    parser.add_argument("--seconds", type=positive_float, default=20.0, help="Length of each load level.")
+    parser.add_argument("--fault-seconds", type=non_negative_float, default=60.0,
+                        help="Length of the fault run (0: skip it).")
+    parser.add_argument("--fault-only", action="store_true",
+                        help="Only the cpu fault run: no load levels, no batch-size-1 run.")
+    parser.add_argument("--trial-slack", type=non_negative_float, default=1.0, metavar="SECONDS",
+                        help="Seconds past the breaker's recovery timeout still counted as healthy within it: the "
+                        "trial call the timeout lets through, and the /readyz poll.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="A setting for every service started, as FINTUNE_<KEY> (model__inference__dtype=float32).")
     parser.add_argument("--output", type=Path, default=RESULT, help="Result JSON; its plot goes beside it (.png).")
     parser.add_argument("--plot-only", type=Path, metavar="RESULT",
                         help="Only redraw the plot of an existing result file (beside it), measuring nothing.")
+    return parser
+
+
+def main() -> None:
+    """Run the scenarios and write the result file; a configuration error ends in one line and exit code 2."""
+    parser = build_parser()
     args = parser.parse_args()
-    if args.plot_only is not None:
-        result = json.loads(args.plot_only.read_text(encoding="utf-8"))
-        print(f"drawn to {plot_load(result, args.plot_only.with_suffix('.png'))}")
-        return
     if any("=" not in item for item in args.overrides):
         parser.error("--set takes KEY=VALUE, e.g. --set model__inference__dtype=float32")
-    common = dict(item.split("=", 1) for item in args.overrides)
+    if args.fault_only and args.fault_seconds == 0:
+        parser.error("--fault-only with --fault-seconds 0 measures nothing")
+    try:
+        if args.plot_only is not None:
+            print(f"drawn to {plot_load(read_result(args.plot_only), args.plot_only.with_suffix('.png'))}")
+            return
+        common = dict(item.split("=", 1) for item in args.overrides)
+        check_override_names(f"FINTUNE_{key.upper()}" for key in common)
+        for profile in {*args.profiles, "cpu"}:  # a typo fails here, not after minutes of measuring
+            load_settings(profile)
+        result = measure(args, common)
+        write_json(args.output, result)
+        plotted = "" if args.fault_only else f" and {plot_load(result, args.output.with_suffix('.png'))}"
+        print(f"written to {args.output}{plotted}")
+    except (FinTuneError, OSError, ServiceStartError) as exc:
+        parser.exit(2, f"error: {exc}\n")
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file written by this script; ArtifactError when it is not one."""
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ArtifactError(f"{path} is not JSON ({exc}); pass a result file of this script") from None
+    if not isinstance(result, dict) or not {"provenance", "profiles"} <= result.keys():
+        raise ArtifactError(f"{path} holds no 'provenance' and 'profiles': not a result file of this script")
+    return result
+
+
+def measure(args: argparse.Namespace, common: dict[str, str]) -> dict[str, Any]:
+    """Every scenario's figures with their provenance."""
     settings = load_settings("cpu")
     splits = load_splits(settings)
     texts = [ex.text for ex in splits.test]
     result: dict[str, Any] = {
-        "provenance": provenance("python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-                                 packages=("fintune", "torch", "transformers", "fastapi", "uvicorn", "httpx")),
+        "provenance": provenance(command_line(keep_path=True), packages=PACKAGES),
         "data": {"subset": splits.subset, "fingerprint": splits.fingerprint, "sentences": len(texts),
                  "split": "test"},
         "setup": {"server": "fintune serve, 1 uvicorn worker, loopback, access log off",
-                  "clients": "closed loop, httpx.AsyncClient in one process on the same 2 cores",
+                  "clients": f"closed loop, httpx.AsyncClient in one process on the same {os.cpu_count()} cores",
                   "level_seconds": args.seconds, "warmup_seconds": min(3.0, args.seconds), "overrides": common},
         "profiles": {},
     }
-    for profile in args.profiles:
-        result["profiles"][profile] = profile_levels(profile, texts, args.levels, args.seconds, **common)
     top = max(args.levels)
-    unbatched = profile_levels("cpu", texts, [top], args.seconds, **common | {"serving__micro_batch_size": "1"})
-    result["unbatched_cpu"] = unbatched
-    if "cpu" in result["profiles"]:
-        result["batching_gain"] = batching_gain(result["profiles"]["cpu"], unbatched, top)
+    if not args.fault_only:
+        for profile in args.profiles:
+            result["profiles"][profile] = profile_levels(profile, texts, args.levels, args.seconds, **common)
+        unbatched = profile_levels("cpu", texts, [top], args.seconds, **common | {"serving__micro_batch_size": "1"})
+        result["unbatched_cpu"] = unbatched
+        if "cpu" in result["profiles"]:
+            result["batching_gain"] = batching_gain(result["profiles"]["cpu"], unbatched, top)
     if args.fault_seconds > 0:
-        result["fault_run"] = fault_run("cpu", texts, top, args.fault_seconds, rate=0.5, start_s=10.0, stop_s=25.0,
-                                        **common)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"written to {args.output} and {plot_load(result, args.output.with_suffix('.png'))}")
+        faults = {"rate": 0.5, "start_s": 10.0, "stop_s": 25.0, "seed": 7}
+        result["fault_run"] = fault_run("cpu", texts, top, args.fault_seconds, faults, args.trial_slack, **common)
+    return result
 
 
 def plot_load(result: dict[str, Any], path: Path) -> Path:
@@ -342,12 +440,13 @@ def plot_load(result: dict[str, Any], path: Path) -> Path:
         clients = [level["clients"] for level in measured["levels"]]
         (line,) = rate_ax.plot(clients, [lv["throughput_rps"] for lv in measured["levels"]], marker="o", label=profile)
         for key, style in (("p50_ms", "-"), ("p99_ms", ":")):
-            latency_ax.plot(clients, [level[key] for level in measured["levels"]], style, marker="o",
+            latency_ax.plot(clients, _floats(level[key] for level in measured["levels"]), style, marker="o",
                             color=line.get_color(), label=f"{profile} {key[:3]}")
     if "unbatched_cpu" in result:
         level = result["unbatched_cpu"]["levels"][0]
         rate_ax.plot([level["clients"]], [level["throughput_rps"]], "kx", markersize=9, label="cpu, batch size 1")
-        latency_ax.plot([level["clients"]], [level["p99_ms"]], "kx", markersize=9, label="cpu, batch size 1, p99")
+        latency_ax.plot([level["clients"]], _floats([level["p99_ms"]]), "kx", markersize=9,
+                        label="cpu, batch size 1, p99")
     rate_ax.set(xscale="log", xlabel="concurrent clients", ylabel="answers / s", title="throughput", ylim=(0, None))
     latency_ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="ms", title="latency")
     machine, date = result["provenance"]["machine"], result["provenance"]["date"][:10]
@@ -362,6 +461,11 @@ def plot_load(result: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _floats(values: Any) -> list[float]:
+    """``values`` as floats for a plot, None (no answer timed) as NaN (a gap)."""
+    return [np.nan if value is None else float(value) for value in values]
+
+
 def batching_gain(batched: dict[str, Any], unbatched: dict[str, Any], clients: int) -> dict[str, Any]:
     """Throughput ratio and p99 of dynamic batching vs batch size 1 at ``clients`` clients."""
     b = next(level for level in batched["levels"] if level["clients"] == clients)
@@ -371,7 +475,7 @@ def batching_gain(batched: dict[str, Any], unbatched: dict[str, Any], clients: i
         "throughput_ratio": round(b["throughput_rps"] / u["throughput_rps"], 2) if u["throughput_rps"] else None,
         "p99_ms_batched": b["p99_ms"],
         "p99_ms_batch_size_1": u["p99_ms"],
-        "lower_p99": b["p99_ms"] < u["p99_ms"],
+        "lower_p99": None if b["p99_ms"] is None or u["p99_ms"] is None else b["p99_ms"] < u["p99_ms"],
     }
 
 

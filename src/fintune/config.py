@@ -23,7 +23,6 @@ import os
 import re
 import types
 import typing
-import urllib.parse
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from fintune.errors import ConfigError
+from fintune.provenance import mask_url_password
 
 PROJECT_ROOT: Path = Path(__file__).resolve().parents[2]
 """The repository root (this file lives in ``src/fintune/``)."""
@@ -705,10 +705,7 @@ def printable(settings: Settings) -> dict[str, Any]:
     """The settings as JSON-ready values for showing: secrets masked (the API key already is, as a SecretStr;
     the password in ``reliability.redis_url`` too)."""
     values = settings.model_dump(mode="json")
-    url = urllib.parse.urlsplit(values["reliability"]["redis_url"])
-    if url.password:  # as written in the URL (urlsplit does not unquote it)
-        netloc = url.netloc.replace(f":{url.password}@", ":****@", 1)
-        values["reliability"]["redis_url"] = urllib.parse.urlunsplit(url._replace(netloc=netloc))
+    values["reliability"]["redis_url"] = mask_url_password(values["reliability"]["redis_url"])
     return values
 
 

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
+import urllib.parse
 from datetime import UTC, datetime
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 DEFAULT_PACKAGES = ("fintune", "numpy", "scikit-learn", "torch", "transformers", "peft", "trl", "bitsandbytes")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
+"""Environment variables that change how many threads the numbers were measured with."""
+SECRET_WORDS = ("KEY", "TOKEN", "PASSWORD", "SECRET")
+"""A ``FINTUNE_*`` variable whose name holds one of these has its value masked in the record."""
+MASK = "****"
 
 
 def machine() -> dict[str, Any]:
@@ -36,19 +44,79 @@ def versions(packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, str]:
 
 
 def provenance(command: str, packages: tuple[str, ...] = DEFAULT_PACKAGES) -> dict[str, Any]:
-    """The record every result file carries: command, UTC date, machine and library versions."""
+    """The record every result file carries: command, UTC date, code revision, machine, library versions, and
+    the ``FINTUNE_*`` and thread environment variables that were set."""
     return {
         "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "revision": revision(),
         "machine": machine(),
         "versions": versions(packages),
+        "environment": fintune_environment(),
+        "thread_variables": thread_variables(),
     }
 
 
-def command_line() -> str:
-    """The command line of this process, as typed (``fintune baselines --subset 50agree``)."""
+def command_line(keep_path: bool = False) -> str:
+    """The command line of this process, as typed (``fintune baselines --subset 50agree``); with ``keep_path``,
+    a script run by the interpreter, its path as typed (``python benchmarks/serving_load.py --seconds 5``)."""
+    if keep_path and sys.argv:
+        return " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     program = os.path.basename(sys.argv[0]) if sys.argv else "python"
     return " ".join([program, *sys.argv[1:]])
+
+
+def revision(folder: Path | None = None) -> dict[str, Any] | None:
+    """The git commit of ``folder`` (default: this package's source) and whether tracked files differ from it;
+    None where git is missing or the folder is in no repository."""
+    where = folder or Path(__file__).resolve().parent
+    commit = _git(where, "rev-parse", "HEAD")
+    if commit is None:
+        return None
+    status = _git(where, "status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": None if status is None else bool(status)}
+
+
+def fintune_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``FINTUNE_*`` variables set (settings overrides and the like), secrets masked."""
+    env = os.environ if environ is None else environ
+    return {key: masked(key, value) for key, value in sorted(env.items()) if key.upper().startswith("FINTUNE_")}
+
+
+def thread_variables(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Those of :data:`THREAD_VARIABLES` that are set."""
+    env = os.environ if environ is None else environ
+    return {key: env[key] for key in THREAD_VARIABLES if key in env}
+
+
+def masked(key: str, value: str) -> str:
+    """``value`` fit for a result file: :data:`MASK` when ``key`` names a secret, a URL's password masked."""
+    if any(word in key.upper() for word in SECRET_WORDS):
+        return MASK
+    return mask_url_password(value)
+
+
+def mask_url_password(value: str) -> str:
+    """``value`` with the password of a URL (``redis://:pw@host``) masked as ``fintune.config.printable`` does;
+    anything else as it is."""
+    try:
+        url = urllib.parse.urlsplit(value)
+        password = url.password
+    except ValueError:
+        return value
+    if not password:  # as written in the URL (urlsplit does not unquote it)
+        return value
+    return urllib.parse.urlunsplit(url._replace(netloc=url.netloc.replace(f":{password}@", f":{MASK}@", 1)))
+
+
+def _git(folder: Path, *args: str) -> str | None:
+    """The stripped output of ``git -C folder args``; None when git is missing, fails or hangs."""
+    try:
+        done = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10,
+                              check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _cpu_model() -> str:

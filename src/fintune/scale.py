@@ -87,13 +87,19 @@ def classify_on_ray(
     replica_class = ray.remote(
         num_cpus=settings.cpus_per_actor, max_restarts=settings.max_restarts, max_task_retries=settings.max_restarts
     )(PipelineReplica)
-    replicas = [replica_class.remote(factory) for _ in range(min(replica_count(settings), len(chunks)))]
+    replicas = [replica_class.remote(factory) for _ in range(replicas_for(settings, len(texts)))]
     try:
         yield from _gathered(ActorPool(replicas).map(lambda replica, chunk: replica.classify.remote(chunk), chunks),
                              settings)
     finally:
         for replica in replicas:
             ray.kill(replica)
+
+
+def replicas_for(settings: ScaleSettings, texts: int) -> int:
+    """How many replicas :func:`classify_on_ray` starts for ``texts`` texts: what the cluster holds, at most one
+    a chunk (needs Ray initialised)."""
+    return min(replica_count(settings), math.ceil(texts / settings.chunk_size))
 
 
 def replica_count(settings: ScaleSettings) -> int:
