@@ -426,8 +426,9 @@ class ReliabilitySettings(Section):
     redis_url: str = Field("redis://localhost:6379/0", description="Redis of the shared breaker storage.")
     redis_key: str | None = Field(
         None,
-        description="Redis key of the shared breaker; None: fintune:breaker:<breaker name>. Give each deployment "
-        "(model and profile) its own key when several share one Redis.",
+        description="Redis key of the shared breaker; None: fintune:breaker:<profile>:model, so deployments of "
+        "different profiles never share one. Give two deployments of the same profile (two models, say) their "
+        "own keys when they share one Redis.",
     )
     redis_timeout_s: float = Field(
         1.0, gt=0, description="Seconds a Redis call may take before the breaker falls back to its own record."

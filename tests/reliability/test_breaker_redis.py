@@ -233,6 +233,8 @@ def test_settings_choose_the_redis_storage_and_its_key(redis_url: str) -> None:
     settings = ReliabilitySettings(breaker_storage="redis", redis_url=redis_url)
     breaker = CircuitBreaker.from_settings(settings)
     assert isinstance(breaker.storage, RedisStorage) and breaker.storage.key == "fintune:breaker:model"
+    scoped = CircuitBreaker.from_settings(settings, scope="encoder")  # as the service builds it, per profile
+    assert scoped.storage.key == "fintune:breaker:encoder:model"  # type: ignore[attr-defined]
     assert breaker.storage.retry_interval_s == settings.redis_retry_s == 5.0
     named = CircuitBreaker.from_settings(settings.model_copy(update={"redis_key": "desk-a:cpu"}))
     assert named.storage.key == "desk-a:cpu"  # type: ignore[attr-defined]

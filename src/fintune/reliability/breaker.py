@@ -230,10 +230,12 @@ class CircuitBreaker:
 
     @classmethod
     def from_settings(
-        cls, settings: ReliabilitySettings, *, name: str = "model", clock: Clock | None = None, **kwargs: Any
+        cls, settings: ReliabilitySettings, *, name: str = "model", scope: str | None = None,
+        clock: Clock | None = None, **kwargs: Any,
     ) -> CircuitBreaker:
-        """A breaker configured by ``settings.reliability``, in the storage it names (unless one is given)."""
-        kwargs.setdefault("storage", storage_from_settings(settings, name))
+        """A breaker configured by ``settings.reliability``, in the storage it names (unless one is given; ``scope``
+        goes into its default Redis key)."""
+        kwargs.setdefault("storage", storage_from_settings(settings, name, scope))
         return cls(
             name,
             failure_threshold=settings.failure_threshold,

@@ -286,10 +286,12 @@ class RedisStorage:
             self._reachable = False
 
 
-def storage_from_settings(settings: ReliabilitySettings, name: str) -> BreakerStorage:
-    """The storage ``settings.breaker_storage`` names for the breaker ``name``."""
+def storage_from_settings(settings: ReliabilitySettings, name: str, scope: str | None = None) -> BreakerStorage:
+    """The storage ``settings.breaker_storage`` names for the breaker ``name``; in Redis under
+    ``settings.redis_key``, else ``fintune:breaker:<scope>:<name>`` (the service scopes it by its profile, so two
+    deployments of different models sharing one Redis do not share a breaker)."""
     if settings.breaker_storage == "memory":
         return MemoryStorage()
-    key = settings.redis_key or f"fintune:breaker:{name}"
+    key = settings.redis_key or ":".join(["fintune", "breaker", *([scope] if scope else []), name])
     return RedisStorage.from_url(settings.redis_url, key, timeout_s=settings.redis_timeout_s,
                                  retry_interval_s=settings.redis_retry_s)

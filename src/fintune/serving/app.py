@@ -65,7 +65,7 @@ def create_app(
         settings=settings,
         classifier=classifier,
         guard=guard,
-        breaker=breaker or CircuitBreaker.from_settings(settings.reliability),
+        breaker=breaker or CircuitBreaker.from_settings(settings.reliability, scope=settings.profile),
         monitor=monitor or SystemMonitor.instance(settings.monitoring),
         fallback=fallback,
     )

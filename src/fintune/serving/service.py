@@ -380,7 +380,7 @@ def offline_pipeline(settings: Settings, classifier: ClassifierSource = None) ->
     """The service's pipeline for use in this thread (``fintune classify``): guard, breaker, model, baseline."""
     from fintune.guardrails import PIIGuard
 
-    breaker = CircuitBreaker.from_settings(settings.reliability)
+    breaker = CircuitBreaker.from_settings(settings.reliability, scope=settings.profile)
     slot = ModelSlot(model_loader(settings, classifier), settings, breaker)
     slot.load()
     if not slot.ready:  # a service stays up degraded; a batch run must not quietly answer from the baseline
