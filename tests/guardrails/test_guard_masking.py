@@ -74,6 +74,9 @@ PII_CASES = [
     # a line wrapped after a hyphen inside the number, as PDFs and e-mail clients wrap them
     ("US_SSN", "Client SSN 536-22-\n8145 on file.", "536-22-\n8145"),
     ("CREDIT_CARD", "Card 4111-1111-\r\n  1111-1111 on file.", "4111-1111-\r\n  1111-1111"),
+    # spaces after each hyphen
+    ("US_SSN", "Client SSN 536- 22- 8145 on file.", "536- 22- 8145"),
+    ("ACCOUNT_NUMBER", "Client acct # 12- 3456- 78 gained 6 %.", "12- 3456- 78"),
 ]
 
 FINANCIAL_SIGNAL = [
@@ -85,6 +88,7 @@ FINANCIAL_SIGNAL = [
     "Apple Inc. and Goldman Sachs agreed a USD 2.1 bn deal in New York in January-June 2009 .",
     "The company expects 2010 net sales of EUR 164.7 mn - EUR 170.0 mn , compared with 2,500,000 units .",
     "eu12 sale rose fell to 2009.2010.2011.2012 levels in q3 2009 .",  # neither an IBAN nor a card
+    "Sales in 2008- 2009 grew 5 % on 12- 15 new stores .",  # a spaced range is no number to mask
 ]
 
 

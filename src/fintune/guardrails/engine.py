@@ -131,8 +131,11 @@ class PIIGuard:
 
 
 _UNUSUAL = re.compile(r"[^\x20-\x7e]")  # anything but printable ASCII: line breaks, tabs, non-ASCII
-# what detection leaves out: invisible format characters, and a line wrapped after a hyphen inside a number
-_LEFT_OUT = regex.compile(r"\p{Cf}|(?<=\d-)[ \t]*(?:\r\n|[\n\r\v\f\x85\u2028\u2029])[ \t]*(?=\d)")
+# what detection leaves out: invisible format characters, and a line wrapped or spaces put after a hyphen inside a
+# number ("536-22-\n8145", "536- 22- 8145", as PDF extraction and hand typing leave them)
+_LEFT_OUT = regex.compile(
+    r"\p{Cf}|(?<=\d-)[ \t]*(?:\r\n|[\n\r\v\f\x85\u2028\u2029])[ \t]*(?=\d)|(?<=\d-)[ \t]+(?=\d)"
+)
 
 
 def prepare(text: str) -> tuple[str, list[int] | None]:
