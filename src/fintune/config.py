@@ -106,8 +106,12 @@ class QuantizationSettings(Section):
     load_in_4bit: bool = Field(True, description="Quantize the base model's linear layers to 4 bits.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: NormalFloat4 or FP4.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (about 0.4 bit/param).")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Dtype the de-quantized weights are computed in."
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16",
+        description="Dtype the de-quantized weights are computed in, in training and in the NF4 inference path (the "
+        "unquantized embeddings, norms and head are loaded in it too). auto: bf16 where this machine's bf16 "
+        "products are the fast ones (a GPU with bf16, a CPU with AMX or a non-Intel one with AVX512-BF16; "
+        "fintune.model.precision), else float32: a CPU without bf16 arithmetic emulates it, many times slower.",
     )
 
 
@@ -131,8 +135,11 @@ class TrainingSettings(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about 30 % slower."
     )
-    bf16: bool = Field(
-        True, description="Train under bf16 autocast (TRL's default; fast on GPUs and CPUs with AMX/AVX512-BF16)."
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="Train under bf16 autocast (TRL's default; fast on GPUs and CPUs with AMX/AVX512-BF16). auto: "
+        "when quantization.compute_dtype resolves to bfloat16, so a machine computing in float32 does not "
+        "autocast back to an emulated bf16.",
     )
     logging_steps: int = Field(10, ge=1, description="Log the training loss every this many steps.")
     save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps.")
@@ -536,7 +543,7 @@ class ServingSettings(Section):
     """The HTTP service: limits, authentication, micro-batching, degraded mode, the model it serves."""
 
     host: str = Field("127.0.0.1", description="Interface uvicorn binds to.")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port uvicorn listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port uvicorn listens on.")
     workers: int = Field(1, ge=1, description="uvicorn worker processes (each loads its own model).")
     model_dir: Path | None = Field(
         None,
@@ -623,7 +630,8 @@ class Settings(BaseSettings):
     """Everything FinTune can be told, as one profile. Build it with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null", extra="forbid", frozen=True
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null", extra="forbid", frozen=True,
+        env_ignore_empty=True,  # FINTUNE_DATA_DIR= is unset, not the current folder; `null` unsets a value
     )
 
     profile: str = Field(DEFAULT_PROFILE, description="Name of the profile these settings came from.")

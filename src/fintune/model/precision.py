@@ -60,7 +60,7 @@ def choose_dtype() -> DtypeChoice:
     else:
         choice = cpu_choice(_cpu_flag("_is_amx_tile_supported"), _cpu_flag("_is_avx512_bf16_supported"),
                             cpu_vendor())
-    logger.info("inference dtype auto -> %s: %s", str(choice.dtype).removeprefix("torch."), choice.reason)
+    logger.info("dtype auto -> %s: %s", str(choice.dtype).removeprefix("torch."), choice.reason)
     return choice
 
 

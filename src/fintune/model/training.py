@@ -39,6 +39,7 @@ from fintune.model.inference import SentimentClassifier
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.lora import check_targets, count_parameters, lora_config
 from fintune.model.plots import plot_loss_curve
+from fintune.model.precision import resolve_dtype
 from fintune.model.quantization import load_base
 from fintune.monitoring.drift import save_drift_baseline
 from fintune.provenance import provenance
@@ -62,7 +63,14 @@ def records(examples: list[Example], template: str) -> Dataset:
     )
 
 
-def sft_config(training: TrainingSettings, out: Path, seed: int, max_steps: int | None) -> SFTConfig:
+def autocast_bf16(training: TrainingSettings, compute_dtype: torch.dtype) -> bool:
+    """Whether to train under bf16 autocast: ``training.bf16``, where ``auto`` follows the compute dtype."""
+    return compute_dtype == torch.bfloat16 if training.bf16 == "auto" else training.bf16
+
+
+def sft_config(
+    training: TrainingSettings, out: Path, seed: int, max_steps: int | None, compute_dtype: torch.dtype
+) -> SFTConfig:
     """TRL's configuration from the profile: completion-only loss, length grouping, checkpoints, no reporting."""
     steps = training.max_steps if max_steps is None else max_steps
     return SFTConfig(
@@ -77,7 +85,7 @@ def sft_config(training: TrainingSettings, out: Path, seed: int, max_steps: int 
         max_steps=steps,
         max_length=training.max_length,
         completion_only_loss=True,
-        bf16=training.bf16,
+        bf16=autocast_bf16(training, compute_dtype),
         train_sampling_strategy="group_by_length" if training.group_by_length else "random",
         activation_checkpointing=training.gradient_checkpointing,
         logging_steps=training.logging_steps,
@@ -126,6 +134,7 @@ def train(
     out = Path(output_dir or default_model_dir(settings, splits.subset))
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = settings.model
+    compute_dtype = resolve_dtype(model_cfg.quantization.compute_dtype)
     resume = resume_or_record_run(out, run_identity(settings, splits, max_steps))
     set_seed(settings.seed)
     started = time.perf_counter()
@@ -139,7 +148,7 @@ def train(
         )
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(model_cfg.training, out, settings.seed, max_steps),
+        args=sft_config(model_cfg.training, out, settings.seed, max_steps, compute_dtype),
         train_dataset=records(splits.train, model_cfg.training.prompt_template),
         processing_class=tokenizer,
         peft_config=lora_config(model_cfg.lora),
@@ -179,6 +188,8 @@ def train(
         "trainable_params": trainable,
         "total_params": total,
         "memory_footprint_bytes": int(peft_model.get_memory_footprint()),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),  # what quantization.compute_dtype resolved to
+        "bf16_autocast": autocast_bf16(model_cfg.training, compute_dtype),
         "max_steps": max_steps,  # --max-steps, None when the profile decided where training ends
         "global_steps": int(trainer.state.global_step),
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
