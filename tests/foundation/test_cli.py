@@ -131,7 +131,11 @@ def test_settings_shows_profiles_and_env_overrides(capfd: pytest.CaptureFixture[
     ({"FINTUNE_DATA__TEST_FRACTION": "0.01"}, ["baselines"], "cannot be split 0.1 / 0.01 with every label"),
     ({"FINTUNE_BASELINES__MIN_DF": "5000"}, ["baselines"], "cannot be fitted with these baselines settings"),
     ({}, ["baselines", "--output-dir", "FILE"], "is a file, not a folder"),
-], ids=["no baselines", "split too small", "min_df too high", "output is a file"])
+    ({}, ["train", "--profile", "tiny-mistral", "--output-dir", "FILE"], "is a file, not a folder"),
+    ({}, ["lora-report", "--profile", "tiny-mistral", "--output", "DIR"], "is a folder, not a file"),
+    ({}, ["guard-eval", "--output", "DIR"], "is a folder, not a file"),
+], ids=["no baselines", "split too small", "min_df too high", "output is a file", "train into a file",
+        "report into a folder", "guard-eval into a folder"])
 def test_bad_settings_and_paths_are_one_error_line(
     capfd: pytest.CaptureFixture[str], tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     env: dict[str, str], args: list[str], expected: str,
@@ -141,7 +145,8 @@ def test_bad_settings_and_paths_are_one_error_line(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     (tmp_path / "file").write_text("not a folder", encoding="utf-8")
-    code, _, err = run_cli(capfd, *[str(tmp_path / "file") if a == "FILE" else a for a in args])
+    paths = {"FILE": str(tmp_path / "file"), "DIR": str(tmp_path)}
+    code, _, err = run_cli(capfd, *[paths.get(a, a) for a in args])
     assert code == 2 and expected in err and "Traceback" not in err
 
 

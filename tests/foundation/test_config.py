@@ -61,6 +61,14 @@ def test_null_in_the_environment_unsets_an_optional_setting(monkeypatch: pytest.
     assert load_settings("cpu").model.gguf_package is None
 
 
+def test_an_empty_environment_variable_is_no_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_DATA_DIR", "")  # not the current folder
+    monkeypatch.setenv("FINTUNE_SERVING__PORT", "")
+    settings = load_settings("cpu")
+    assert settings.data_dir == load_settings("cpu", data_dir=None).data_dir != Path(".")
+    assert settings.serving.port == 8000
+
+
 def test_fintune_profile_picks_the_profile_and_explicit_name_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINTUNE_PROFILE", "tiny-mistral")
     assert load_settings().profile == "tiny-mistral"

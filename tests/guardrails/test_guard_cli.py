@@ -94,3 +94,6 @@ def test_an_unreadable_jsonl_file_fails_before_the_guard_loads(
     monkeypatch.setattr(commands, "_guard", no_guard)
     assert main(["guard", "--jsonl", str(tmp_path / "missing.jsonl")]) == 2
     assert "cannot read" in capsys.readouterr().err
+    (tmp_path / "blank.jsonl").write_text("\n  \n", encoding="utf-8")
+    assert main(["guard", "--jsonl", str(tmp_path / "blank.jsonl")]) == 2  # not a silent exit 0
+    assert "blank.jsonl holds no text to guard" in capsys.readouterr().err

@@ -142,6 +142,10 @@ def test_the_encoder_trains_from_the_teacher_it_is_given_and_says_when_it_has_no
     card = json.loads((student / "fintune.json").read_text())
     assert card["distillation"]["teacher"] == str(teacher) and card["distillation"]["teacher_profile"] == "tiny-mistral"
     capsys.readouterr()
+    trained = (student / "fintune.json").read_text()
+    assert main([*encoder, "--teacher", str(tiny_env / "typo"), "--overwrite"]) == 2  # checked before replacing
+    assert "holds none" in capsys.readouterr().err
+    assert (student / "fintune.json").read_text() == trained
     assert main(["train", "--profile", "tiny-mistral", "--teacher", str(teacher)]) != 0
     assert "only the encoder" in capsys.readouterr().err
 

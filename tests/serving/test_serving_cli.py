@@ -109,8 +109,14 @@ def test_a_bad_csv_or_an_empty_input_is_one_error_before_any_model_loads(
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     assert main(["classify", "--input", str(tmp_path / "empty.txt")]) == 2
     assert main(["classify", "--output", str(tmp_path / "no" / "such" / "out.jsonl"), "Sales rose."]) == 2
+    assert main(["classify", "--output", str(tmp_path), "Sales rose."]) == 2  # before the run, not after it
+    assert main(["classify", "--input", str(tmp_path)]) == 2
+    (tmp_path / "body.jsonl").write_text('{"body": "Sales rose."}\n', encoding="utf-8")
+    assert main(["classify", "--input", str(tmp_path / "body.jsonl")]) == 2
     err = capfd.readouterr().err
     assert "empty.txt holds no text to classify" in err and "the folder" in err and "does not exist" in err
+    assert "it is a folder; name a file" in err and "is a folder, not a file" in err
+    assert "name the text's field with --text-column" in err and "save the CSV" not in err  # a JSONL file
     assert "Traceback" not in err
 
 
@@ -118,6 +124,15 @@ def test_serve_prints_a_working_curl() -> None:
     curl = example_curl("http://127.0.0.1:8000", load_settings("tiny-mistral"))
     assert curl.startswith("curl -s -X POST http://127.0.0.1:8000/v1/classify")
     assert json.loads(curl.split("-d '", 1)[1].rstrip("'"))["text"]
+
+
+def test_a_served_folder_from_the_environment_is_checked_like_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FINTUNE_SERVING__MODEL_DIR", str(tmp_path / "typo"))
+    assert main(["serve", "--profile", "tiny-mistral", "--port", "1"]) == 2  # before binding or loading anything
+    err = capfd.readouterr().err
+    assert "typo" in err and "fintune.json" in err and "Traceback" not in err
 
 
 def test_serve_refuses_a_taken_port_before_loading_anything(capfd: pytest.CaptureFixture[str]) -> None:

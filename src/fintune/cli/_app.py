@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+
+from fintune.errors import ArtifactError
 
 app = typer.Typer(
     name="fintune",
@@ -37,3 +40,17 @@ ModelProfileOption = Annotated[
     ),
 ]
 """The ``--profile`` option of commands that work on a trained model folder."""
+
+
+def output_folder(path: Path, option: str = "--output-dir") -> Path:
+    """``path`` as a folder to write into; ArtifactError before any work when it is a file."""
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"{path} is a file, not a folder: choose another {option}")
+    return path
+
+
+def output_file(path: Path, option: str = "--output") -> Path:
+    """``path`` as a file to write; ArtifactError before any work when it is a folder."""
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder, not a file: name a file with {option}")
+    return path

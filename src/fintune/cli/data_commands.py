@@ -14,10 +14,9 @@ from rich.table import Table
 from tqdm import tqdm
 
 from fintune import LABELS
-from fintune.cli._app import ProfileOption, app, console
+from fintune.cli._app import ProfileOption, app, console, output_folder
 from fintune.config import load_settings
 from fintune.data import SUBSET_FILES, check_subset, load_splits
-from fintune.errors import ArtifactError
 from fintune.provenance import command_line
 
 
@@ -61,9 +60,7 @@ def baselines_command(
 
     settings = load_settings(profile)
     splits = load_splits(settings, check_subset(subset) if subset else None)
-    target = output_dir or settings.output_dir / "baselines" / splits.subset
-    if target.exists() and not target.is_dir():
-        raise ArtifactError(f"{target} is a file, not a folder: choose another --output-dir")
+    target = output_folder(output_dir or settings.output_dir / "baselines" / splits.subset)
     console.print(
         f"baselines on {splits.subset}: {len(splits.train)} train / {len(splits.test)} test sentences "
         f"(fingerprint {splits.fingerprint[:16]})"

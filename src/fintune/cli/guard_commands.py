@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from fintune.cli._app import ProfileOption, app, console
+from fintune.cli._app import ProfileOption, app, console, output_file
 from fintune.config import Settings, load_settings
 from fintune.data import check_subset, find_source, load_examples
 from fintune.errors import DataError, GuardrailError
@@ -52,6 +52,8 @@ def guard_command(
     if (text is None) == (jsonl is None):
         raise GuardrailError("give either TEXT or --jsonl FILE (exactly one of them)")
     texts = None if jsonl is None else list(_read_texts(jsonl))  # a bad file fails before the slow guard load
+    if texts == []:
+        raise GuardrailError(f"{jsonl} holds no text to guard")
     guard = _guard(load_settings(profile))
     if texts is None:
         typer.echo(guard.redact(str(text)).to_json())
@@ -98,6 +100,8 @@ def guard_eval_command(
     """Recall and leak rate on synthetic PII (dev and held-out eval templates), clean sentences altered, latency."""
     from fintune.guardrails import evaluation as guard_eval
 
+    if output is not None:
+        output_file(output)
     settings = load_settings(profile)
     # a typo is a usage error, not a report without its clean-sentence figures
     subset = check_subset(subset or settings.data.subset)

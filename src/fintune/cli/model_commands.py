@@ -12,8 +12,8 @@ from typing import Annotated
 
 import typer
 
-from fintune.cli._app import ModelProfileOption, ProfileOption, app, console
-from fintune.config import load_settings
+from fintune.cli._app import ModelProfileOption, ProfileOption, app, console, output_file, output_folder
+from fintune.config import Settings, load_settings
 from fintune.data import check_subset, load_splits
 from fintune.errors import ArtifactError
 from fintune.model.card import (
@@ -71,11 +71,16 @@ def train_command(
         raise typer.BadParameter(f"only the encoder backend learns from a teacher, not {settings.profile}'s "
                                  f"{settings.model.backend}", param_hint="--teacher")
     splits = load_splits(settings, check_subset(subset) if subset else None)
-    target = output_dir or default_model_dir(settings, splits.subset)
+    target = output_folder(output_dir or default_model_dir(settings, splits.subset))
     if skip_if_trained and is_trained(target, settings.profile, splits.fingerprint):
         console.print(f"{target} already holds {settings.profile} trained on {splits.fingerprint[:16]}: skipped")
         return
     wanted = (settings.profile, splits.fingerprint) if skip_if_trained else None
+    teacher = teacher or _default_teacher(settings, splits.subset)
+    if teacher is not None:  # before anything is replaced: a wrong teacher must not cost the model in the folder
+        from fintune.model.distillation import check_teacher
+
+        check_teacher(teacher, splits, settings)
     _clear_finished(target, overwrite, kept_only_if_same=wanted)
     console.print(f"training {settings.profile} ({settings.model.backend}) on {splits.subset}: "
                   f"{len(splits.train)} sentences, fingerprint {splits.fingerprint[:16]}")
@@ -96,6 +101,15 @@ def train_command(
         f"done in {card['train_seconds']} s, {card['global_steps']} steps; validation accuracy "
         f"{validation['accuracy']:.3f}, macro-F1 {validation['macro_f1']:.3f}; written to {target}/"
     )
+
+
+def _default_teacher(settings: Settings, subset: str) -> Path | None:
+    """The encoder's configured teacher folder on ``subset``; None for labels only or another backend."""
+    if settings.model.backend != "encoder":
+        return None
+    from fintune.model.distillation import teacher_folder
+
+    return teacher_folder(settings, subset)
 
 
 def _clear_finished(target: Path, overwrite: bool, kept_only_if_same: tuple[str, str] | None) -> None:
@@ -177,6 +191,8 @@ def lora_report_command(
     from fintune.provenance import provenance
 
     settings = load_settings(profile)
+    if output is not None:
+        output_file(output)
     report = lora_report(settings)
     typer.echo(json.dumps(report, indent=2))
     if output is not None:
@@ -201,7 +217,7 @@ def evaluate_command(
     card = read_card(model)
     settings = load_settings(profile or card.get("profile"))
     name = check_subset(subset or card.get("data", {}).get("subset") or settings.data.subset)
-    target = output_dir or model / "eval" / name
+    target = output_folder(output_dir or model / "eval" / name)
     result = evaluate(model, settings, name, target, command=command_line())
     metrics, comparison = result["metrics"], result["comparison"]
     console.print(

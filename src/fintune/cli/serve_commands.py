@@ -39,11 +39,14 @@ ServedModelOption = Annotated[
 
 
 def settings_with_model(profile: str | None, model: Path | None) -> Settings:
-    """The profile's settings, serving ``model`` when given (it must hold a trained model)."""
+    """The profile's settings, serving ``model`` when given; the folder served (``model``, or ``serving.model_dir``
+    from the profile or the environment) must hold a trained model."""
     from fintune.model.card import read_card
 
     settings = load_settings(profile)
     if model is None:
+        if settings.serving.model_dir is not None:  # a mistyped FINTUNE_SERVING__MODEL_DIR must not serve noise
+            read_card(settings.serving.model_dir)
         return settings
     read_card(model)  # ArtifactError, with what to do, before anything slow starts
     return settings.model_copy(update={"serving": settings.serving.model_copy(update={"model_dir": model})})
@@ -55,7 +58,7 @@ def serve_command(
     model: ServedModelOption = None,
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: serving.host, 127.0.0.1).")] = None,
     port: Annotated[
-        int | None, typer.Option(min=0, max=65535, help="TCP port (default: serving.port, 8000).")
+        int | None, typer.Option(min=1, max=65535, help="TCP port (default: serving.port, 8000).")
     ] = None,
     workers: Annotated[
         int | None, typer.Option(min=1, help="uvicorn worker processes (default: serving.workers).")
@@ -71,7 +74,7 @@ def serve_command(
     os.environ["FINTUNE_PROFILE"] = settings.profile  # each worker builds its app from the same profile
     if model is not None:
         os.environ["FINTUNE_SERVING__MODEL_DIR"] = str(model.resolve())  # ... and serves the same folder
-    url = f"http://{host}:{port}"
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     console.print(f"FinTune service, profile {settings.profile!r}: {url} (docs: {url}/docs)", highlight=False)
     console.print(example_curl(url, settings), highlight=False, soft_wrap=True)
     uvicorn.run(
@@ -152,6 +155,8 @@ def classify_command(
         raise InvalidInputError(f"{input_file} holds no text to classify")
     if output is not None and not output.parent.is_dir():
         raise InvalidInputError(f"cannot write {output}: the folder {output.parent} does not exist")
+    if output is not None and output.is_dir():
+        raise InvalidInputError(f"cannot write {output}: it is a folder; name a file, such as {output / 'out.jsonl'}")
     _warn_if_untrained(settings)
     errors: Counter[str] = Counter()
     part = output.with_name(output.name + ".part") if output else None  # renamed to output once complete
@@ -231,6 +236,8 @@ def _record_chunks(texts: list[str], settings: Settings, engine: Engine, stack: 
 
 def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
     """(id, text) pairs from a .txt, .csv or .jsonl file; ids default to the 1-based line or row number."""
+    if path.is_dir():
+        raise InvalidInputError(f"input {path} is a folder, not a file: name a .txt, .csv or .jsonl file")
     if not path.is_file():
         raise InvalidInputError(f"input file {path} does not exist")
     suffix = path.suffix.lower()
@@ -302,8 +309,9 @@ def _field(row: dict[str, Any], column: str, path: Path, n: int) -> str:
     """The text of a row; InvalidInputError naming the row when it is missing or not a string."""
     if column not in row:
         found = ", ".join(repr(key) for key in row if key) or "none"
-        raise InvalidInputError(f"{path} row {n} has no {column!r} field (it has: {found}); name the text's with "
-                                "--text-column, or save the CSV comma-separated")
+        hint = ", or save the CSV comma-separated" if path.suffix.lower() == ".csv" else ""
+        raise InvalidInputError(f"{path} row {n} has no {column!r} field (it has: {found}); name the text's field "
+                                f"with --text-column{hint}")
     value = row[column]
     if not isinstance(value, str):
         raise InvalidInputError(f"{path} row {n}: {column!r} holds no text")

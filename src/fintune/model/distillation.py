@@ -61,6 +61,20 @@ def teacher_folder(settings: Settings, subset: str | None = None) -> Path | None
 def teacher_targets(folder: Path, splits: DataSplits, settings: Settings) -> TeacherTargets:
     """Score ``splits.train`` with the finished model in ``folder``, which must have trained on the same split
     (loaded with its own profile's model settings and this run's paths)."""
+    card = check_teacher(folder, splits, settings)
+    own_model = load_settings(card.get("profile")).model
+    started = time.perf_counter()
+    classifier = load_classifier(folder, settings.model_copy(update={"model": own_model}))
+    texts = [example.text for example in splits.train]
+    chunks = [texts[start : start + SCORING_CHUNK] for start in range(0, len(texts), SCORING_CHUNK)]
+    scored = [classifier.predict_proba(chunk) for chunk in tqdm(chunks, desc=f"teacher {folder.name} scoring")]
+    probabilities = np.concatenate(scored) if scored else np.zeros((0, len(LABELS)))
+    return TeacherTargets(folder, card, probabilities, time.perf_counter() - started)
+
+
+def check_teacher(folder: Path, splits: DataSplits, settings: Settings) -> dict[str, Any]:
+    """The card of the finished model in ``folder``; ArtifactError when there is none, or when it trained on
+    other data than ``splits`` (cheap: `fintune train` checks it before it replaces anything)."""
     card = finished_card(folder)
     if card is None:
         profile = settings.model.encoder.distill_from or "P"
@@ -78,11 +92,4 @@ def teacher_targets(folder: Path, splits: DataSplits, settings: Settings) -> Tea
             f"({splits.fingerprint[:16]}): train a teacher on {splits.subset} (`fintune train --profile "
             f"{card.get('profile')} --subset {splits.subset} --output-dir DIR`) and pass `--teacher DIR`"
         )
-    own_model = load_settings(card.get("profile")).model
-    started = time.perf_counter()
-    classifier = load_classifier(folder, settings.model_copy(update={"model": own_model}))
-    texts = [example.text for example in splits.train]
-    chunks = [texts[start : start + SCORING_CHUNK] for start in range(0, len(texts), SCORING_CHUNK)]
-    scored = [classifier.predict_proba(chunk) for chunk in tqdm(chunks, desc=f"teacher {folder.name} scoring")]
-    probabilities = np.concatenate(scored) if scored else np.zeros((0, len(LABELS)))
-    return TeacherTargets(folder, card, probabilities, time.perf_counter() - started)
+    return card
