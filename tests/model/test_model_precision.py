@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fintune.config import Settings
+from fintune.config import Settings, load_settings
 from fintune.data import load_splits
 from fintune.model import precision
 from fintune.model.precision import DtypeChoice, cpu_choice, cpu_vendor, resolve_dtype
@@ -72,3 +72,30 @@ def test_auto_decodes_the_base_in_the_chosen_dtype(
     assert decoded and {m.weight.dtype for m in decoded} == {chosen}
     probabilities = classifier.predict_proba(["Sales rose .", "Profit fell ."])
     assert probabilities.shape == (2, 3)
+
+
+def test_bf16_autocast_follows_the_compute_dtype_unless_named() -> None:
+    from fintune.config import TrainingSettings
+    from fintune.model.training import autocast_bf16
+
+    assert autocast_bf16(TrainingSettings(), torch.bfloat16) is True
+    assert autocast_bf16(TrainingSettings(), torch.float32) is False  # no autocast back to an emulated bf16
+    assert autocast_bf16(TrainingSettings(bf16=True), torch.float32) is True
+    assert autocast_bf16(TrainingSettings(bf16=False), torch.bfloat16) is False
+
+
+@pytest.mark.slow
+def test_auto_compute_dtype_trains_in_what_the_machine_does_fast(
+    tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fintune.model.training import train
+
+    monkeypatch.setattr(precision, "choose_dtype", lambda: DtypeChoice(torch.float32, "as this test says"))
+    quantization = tiny_settings.model.quantization.model_copy(update={"compute_dtype": "auto"})
+    auto = tiny_settings.model_copy(
+        update={"model": tiny_settings.model.model_copy(update={"quantization": quantization})})
+    result = train(auto, max_steps=1, splits=load_splits(auto))
+    assert (result.card["compute_dtype"], result.card["bf16_autocast"]) == ("float32", False)
+    base = result.classifier.model.get_base_model()
+    assert base.model.embed_tokens.weight.dtype == torch.float32
+    assert load_settings("cpu").model.quantization.compute_dtype == "auto"  # the default profile runs anywhere
