@@ -812,7 +812,13 @@ def _readable(exc: ValidationError, environment: dict[str, str]) -> tuple[str, b
         where = ".".join(loc) or "(profile)"
         variable = next((n for k in range(len(loc), 0, -1)
                          if (n := f"{ENV_PREFIX}{'__'.join(loc[:k]).upper()}") in environment), None)
-        origin = f" (from {variable}={environment[variable]!r})" if variable else ""
-        from_env = from_env or variable is not None
+        inside = sorted(n for n in environment if loc and n.startswith(f"{ENV_PREFIX}{'__'.join(loc).upper()}__"))
+        if variable:
+            origin = f" (from {variable}={environment[variable]!r})"
+        elif inside:  # a rule across the section's fields (a model validator), broken by a variable inside it
+            origin = " (with " + ", ".join(f"{n}={environment[n]!r}" for n in inside) + " set)"
+        else:
+            origin = ""
+        from_env = from_env or variable is not None or bool(inside)
         lines.append(f"  {where}: {error['msg']}{origin}")
     return "\n".join(lines), from_env

@@ -77,6 +77,7 @@ def test_baselines_writes_comparison(capfd: pytest.CaptureFixture[str], tiny_dat
         (["baselines", "--subset", "90agree"], {}, "unknown subset '90agree'"),
         (["data"], {"FINTUNE_DATA_DIR": "/nonexistent/phrasebank"}, "does not exist"),
         (["data", "--profile", "nope"], {}, "unknown profile 'nope'"),
+        (["settings", "--list"], {"FINTUNE_CONFIG_DIR": "/"}, "no profiles (*.yaml) in /"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
@@ -98,6 +99,8 @@ def test_bad_input_is_one_line_and_exit_2(capfd: pytest.CaptureFixture[str], mon
         (["train", "--max-steps", "0"], "Invalid value for '--max-steps'"),  # ran one step before
         (["serve", "--workers", "0"], "Invalid value for '--workers'"),
         (["nosuchcommand"], "No such command"),
+        (["settings", "--list", "--profile", "cpu"], "drop --profile"),  # not silently ignored
+        (["serve", "--port", "0"], "Invalid value for '--port'"),  # a URL nobody can reach
     ],
 )
 def test_usage_errors_are_typer_messages_not_tracebacks(capfd: pytest.CaptureFixture[str], args: list[str],

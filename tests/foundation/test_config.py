@@ -152,3 +152,11 @@ def test_an_invalid_environment_value_names_the_variable_and_its_value(monkeypat
     with pytest.raises(ConfigError, match=r"FINTUNE_\* overrides.*\n  serving\.port: .*") as raised:
         load_settings("cpu")
     assert "(from FINTUNE_SERVING__PORT='abc')" in str(raised.value)
+
+
+def test_a_section_rule_broken_by_a_variable_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_SERVING__QUEUE_SIZE", "10")  # under max_batch_items: a rule across fields
+    with pytest.raises(ConfigError, match=r"FINTUNE_\* overrides") as raised:
+        load_settings("cpu")
+    assert "queue_size must be at least" in str(raised.value)
+    assert "(with FINTUNE_SERVING__QUEUE_SIZE='10' set)" in str(raised.value)

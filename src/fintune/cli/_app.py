@@ -14,8 +14,11 @@ from fintune.errors import ArtifactError
 app = typer.Typer(
     name="fintune",
     help="FinTune: financial sentiment (negative / neutral / positive) built to survive production.\n\n"
-    "Every command reads a profile (configs/<name>.yaml, default 'cpu'); FINTUNE_* environment variables "
-    "override it (FINTUNE_DATA_DIR, FINTUNE_MONITORING__DRIFT_THRESHOLD, ...).",
+    "Every command reads a profile (configs/<name>.yaml, default 'cpu'; FINTUNE_CONFIG_DIR names another folder); "
+    "FINTUNE_* environment variables override it (FINTUNE_DATA_DIR, FINTUNE_MONITORING__DRIFT_THRESHOLD, ...).\n\n"
+    "Example: fintune train --profile cpu && fintune evaluate --model outputs/models/cpu\n\n"
+    "Exit codes: 0 done; 1 a run that finished but left texts unanswered by a system failure (classify); "
+    "2 bad input, settings or paths (one 'error:' line, before any slow work where it can be checked).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

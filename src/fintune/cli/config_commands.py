@@ -8,7 +8,8 @@ import typer
 import yaml
 
 from fintune.cli._app import ProfileOption, app, console
-from fintune.config import available_profiles, load_settings, printable
+from fintune.config import available_profiles, config_dir, load_settings, printable
+from fintune.errors import ConfigError
 
 
 @app.command("settings")
@@ -18,6 +19,10 @@ def settings_command(
 ) -> None:
     """Print every setting of a profile as YAML, with FINTUNE_* environment overrides applied."""
     if list_profiles:
+        if profile is not None:
+            raise typer.BadParameter("--list shows every profile: drop --profile, or drop --list", param_hint="--list")
+        if not available_profiles():
+            raise ConfigError(f"no profiles (*.yaml) in {config_dir()}: check FINTUNE_CONFIG_DIR")
         for name in available_profiles():
             console.print(f"{name:<14} {load_settings(name).description}", highlight=False)
         return

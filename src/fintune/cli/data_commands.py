@@ -51,7 +51,9 @@ def data_command(
 def baselines_command(
     subset: Annotated[str | None, typer.Option(help="Agreement level (default: the profile's, 50agree).")] = None,
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", "-o", help="Where to write (default: outputs/baselines/<subset>/).")
+        Path | None,
+        typer.Option("--output-dir", "-o", help="Where to write (default: <output_dir>/baselines/<subset>/; "
+                     "output_dir: outputs/ or FINTUNE_OUTPUT_DIR)."),
     ] = None,
     profile: ProfileOption = None,
 ) -> None:

@@ -83,7 +83,9 @@ def _read_texts(path: Path) -> Iterator[str]:
 @app.command("guard-eval")
 def guard_eval_command(
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Result file (default: outputs/guardrails/guard_eval.json).")
+        Path | None,
+        typer.Option("--output", "-o", help="Result file (default: <output_dir>/guardrails/guard_eval.json; "
+                     "output_dir: outputs/ or FINTUNE_OUTPUT_DIR)."),
     ] = None,
     subset: Annotated[
         str | None,

@@ -33,8 +33,9 @@ def train_command(
     profile: ProfileOption = None,
     output_dir: Annotated[
         Path | None,
-        typer.Option("--output-dir", "-o", help="Model folder (default: outputs/models/<profile>/, named "
-                     "<profile>-<subset> for another --subset than the profile's)."),
+        typer.Option("--output-dir", "-o", help="Model folder (default: <output_dir>/models/<profile>/, named "
+                     "<profile>-<subset> for another --subset than the profile's; output_dir: outputs/ or "
+                     "FINTUNE_OUTPUT_DIR)."),
     ] = None,
     max_steps: Annotated[
         int | None,
@@ -51,7 +52,8 @@ def train_command(
     overwrite: Annotated[
         bool,
         typer.Option(
-            "--overwrite", help="Train from scratch even when the folder already holds a finished model (replaced)."
+            "--overwrite", help="Train from scratch even when the folder already holds a finished model (replaced). "
+            "With --skip-if-trained: skip when it holds this profile trained on this data, else replace it."
         ),
     ] = False,
     teacher: Annotated[

@@ -144,7 +144,16 @@ def classify_command(
         typer.Option(help="Ray cluster with --engine ray: 'auto' or 'ray://HOST:10001' (default: scale.address)."),
     ] = None,
 ) -> None:
-    """Classify offline through the service's pipeline (guard, breaker, model, checks), writing JSONL."""
+    """Classify offline through the service's pipeline (guard, breaker, model, checks), writing JSONL.
+
+    TEXT prints one JSON line. --input reads .txt (a text a line), .csv (a 'text' column, optional 'id')
+    or .jsonl (objects with 'text' and optional 'id', or bare strings).
+    One record per text, in order, with the redacted text only; --output F is renamed from F.part when complete.
+    Without a trained model the untrained base answers, and a warning says so.
+    Exit 1 when the system left texts unanswered (every record is still written), 2 for bad input.
+
+    Example: fintune classify --input calls.csv --output calls.jsonl
+    """
     if (text is None) == (input_file is None):
         raise InvalidInputError("give either a TEXT argument or --input FILE, not both or neither")
     if engine != "ray" and (actors is not None or ray_address is not None):
