@@ -33,9 +33,9 @@ def train_command(
     profile: ProfileOption = None,
     output_dir: Annotated[
         Path | None,
-        typer.Option("--output-dir", "-o", help="Model folder (default: <output_dir>/models/<profile>/, named "
-                     "<profile>-<subset> for another --subset than the profile's; output_dir: outputs/ or "
-                     "FINTUNE_OUTPUT_DIR)."),
+        typer.Option("--output-dir", "-o", help="Model folder (default: models/<profile> in output_dir, which is "
+                     "outputs/ or FINTUNE_OUTPUT_DIR; named <profile>-<subset> for another --subset than the "
+                     "profile's)."),
     ] = None,
     max_steps: Annotated[
         int | None,
