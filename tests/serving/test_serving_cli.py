@@ -100,7 +100,7 @@ def test_a_bad_csv_or_an_empty_input_is_one_error_before_any_model_loads(
     with pytest.raises(InvalidInputError, match="quote.csv:6 is not valid CSV .*unclosed quote"):
         list(read_texts(tmp_path / "quote.csv"))  # not 5 rows and 94 silently lost
     (tmp_path / "semi.csv").write_text("id;text\n1;Profit fell.\n", encoding="utf-8")
-    with pytest.raises(InvalidInputError, match="no 'text' field \\(it has: 'id;text'\\)"):
+    with pytest.raises(InvalidInputError, match="semi.csv:2 has no 'text' field \\(it has: 'id;text'\\)"):
         list(read_texts(tmp_path / "semi.csv"))
     (tmp_path / "ids.jsonl").write_text('{"id": null, "text": "a"}\n{"id": "", "text": "b"}\n', encoding="utf-8")
     assert list(read_texts(tmp_path / "ids.jsonl")) == [("1", "a"), ("2", "b")]
@@ -116,6 +116,7 @@ def test_a_bad_csv_or_an_empty_input_is_one_error_before_any_model_loads(
     err = capfd.readouterr().err
     assert "empty.txt holds no text to classify" in err and "the folder" in err and "does not exist" in err
     assert "it is a folder; name a file" in err and "is a folder, not a file" in err
+    assert "body.jsonl:1 has no 'text' field" in err  # path:line, as every other input error
     assert "name the text's field with --text-column" in err and "save the CSV" not in err  # a JSONL file
     assert "Traceback" not in err
 
