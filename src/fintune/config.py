@@ -630,8 +630,7 @@ class Settings(BaseSettings):
     """Everything FinTune can be told, as one profile. Build it with :func:`load_settings`."""
 
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null", extra="forbid", frozen=True,
-        env_ignore_empty=True,  # FINTUNE_DATA_DIR= is unset, not the current folder; `null` unsets a value
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null", extra="forbid", frozen=True
     )
 
     profile: str = Field(DEFAULT_PROFILE, description="Name of the profile these settings came from.")
@@ -680,7 +679,7 @@ class Settings(BaseSettings):
 
 def config_dir() -> Path:
     """The folder holding the profile YAML files (``FINTUNE_CONFIG_DIR`` or ``<project>/configs``)."""
-    return Path(os.environ.get("FINTUNE_CONFIG_DIR", PROJECT_ROOT / "configs"))
+    return Path(os.environ.get("FINTUNE_CONFIG_DIR") or PROJECT_ROOT / "configs")  # set but empty: the default
 
 
 def available_profiles() -> list[str]:
@@ -727,6 +726,7 @@ def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
     values = read_profile(name)
     environment = environment_overrides()
     check_override_names(environment)
+    check_not_empty(environment)
     try:
         settings = Settings(**values)
     except SettingsError as exc:
@@ -744,6 +744,15 @@ def environment_overrides() -> dict[str, str]:
     """The ``FINTUNE_*`` environment variables meant as settings, by upper-cased name (names are case-blind)."""
     return {key.upper(): value for key, value in os.environ.items()
             if key.upper().startswith(ENV_PREFIX) and key.upper() not in _ENV_NOT_SETTINGS}
+
+
+def check_not_empty(environment: dict[str, str]) -> None:
+    """ConfigError for a ``FINTUNE_*`` variable set to nothing: ``FINTUNE_DATA_DIR=`` would mean the current
+    folder, and ``FINTUNE_SERVING__API_KEY=${MISSING}`` no key at all; ``null`` is how a value is unset."""
+    empty = sorted(name for name, value in environment.items() if value == "")
+    if empty:
+        raise ConfigError(f"{', '.join(empty)} set but empty: unset {'them' if len(empty) > 1 else 'it'}, give a "
+                          "value, or write null to unset an optional setting")
 
 
 def check_override_names(names: typing.Iterable[str]) -> None:
@@ -815,8 +824,8 @@ def _readable(exc: ValidationError, environment: dict[str, str]) -> tuple[str, b
         inside = sorted(n for n in environment if loc and n.startswith(f"{ENV_PREFIX}{'__'.join(loc).upper()}__"))
         if variable:
             origin = f" (from {variable}={environment[variable]!r})"
-        elif inside:  # a rule across the section's fields (a model validator), broken by a variable inside it
-            origin = " (with " + ", ".join(f"{n}={environment[n]!r}" for n in inside) + " set)"
+        elif inside:  # a rule across the section's fields (a model validator); names only: values may be secrets
+            origin = " (" + ", ".join(inside) + " set)"
         else:
             origin = ""
         from_env = from_env or variable is not None or bool(inside)

@@ -15,7 +15,7 @@ from typing import Any
 DEFAULT_PACKAGES = ("fintune", "numpy", "scikit-learn", "torch", "transformers", "peft", "trl", "bitsandbytes")
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TOKENIZERS_PARALLELISM")
 """Environment variables that change how many threads the numbers were measured with."""
-SECRET_WORDS = ("KEY", "TOKEN", "PASSWORD", "SECRET")
+SECRET_WORDS = ("KEY", "TOKEN", "PASSWORD", "SECRET", "WEBHOOK")
 """A ``FINTUNE_*`` variable whose name holds one of these has its value masked in the record."""
 MASK = "****"
 
@@ -98,12 +98,12 @@ def masked(key: str, value: str) -> str:
 
 def mask_url_password(value: str) -> str:
     """``value`` with the password of a URL (``redis://:pw@host``) masked as ``fintune.config.printable`` does;
-    anything else as it is."""
+    a URL that does not parse wholly masked (it may hide one); anything else as it is."""
     try:
         url = urllib.parse.urlsplit(value)
         password = url.password
     except ValueError:
-        return value
+        return MASK if "://" in value else value
     if not password:  # as written in the URL (urlsplit does not unquote it)
         return value
     return urllib.parse.urlunsplit(url._replace(netloc=url.netloc.replace(f":{password}@", f":{MASK}@", 1)))

@@ -226,10 +226,33 @@ def test_secret_names_are_masked(key: str) -> None:
     assert prov.fintune_environment({key: "plain", "HOME": "/root"}) == {key: "****"}
 
 
+def test_every_secret_setting_is_masked_in_a_result_file() -> None:
+    from pydantic import BaseModel, SecretStr
+
+    from fintune.config import Settings
+
+    def secret_variables(model: type[BaseModel], prefix: str) -> list[str]:
+        """The FINTUNE_* names of the SecretStr fields of ``model`` and its sections."""
+        names = []
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                names += secret_variables(kind, f"{prefix}{name.upper()}__")
+            elif SecretStr in getattr(kind, "__args__", (kind,)):
+                names.append(f"{prefix}{name.upper()}")
+        return names
+
+    secrets = secret_variables(Settings, "FINTUNE_")
+    assert {"FINTUNE_SERVING__API_KEY", "FINTUNE_MONITORING__DRIFT_WEBHOOK_URL"} <= set(secrets)
+    for name in secrets:
+        assert prov.masked(name, "https://hooks.example.com/services/T0/XXXXSECRET") == "****", name
+
+
 def test_urls_without_a_password_are_kept() -> None:
     assert prov.mask_url_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert prov.mask_url_password("redis://user:pw@host/0") == "redis://user:****@host/0"
-    assert prov.mask_url_password("http://[broken") == "http://[broken"
+    assert prov.mask_url_password("redis://:pw@[::1") == "****"  # unparsable: wholly masked, it may hide one
+    assert prov.mask_url_password("not a url") == "not a url"
 
 
 def test_revision_of_a_git_repository(tmp_path: Path) -> None:

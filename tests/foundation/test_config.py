@@ -61,12 +61,15 @@ def test_null_in_the_environment_unsets_an_optional_setting(monkeypatch: pytest.
     assert load_settings("cpu").model.gguf_package is None
 
 
-def test_an_empty_environment_variable_is_no_override(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_empty_environment_variable_is_an_error_not_a_silent_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_SERVING__API_KEY", "")  # ${API_KEY} with the secret missing: no open door
     monkeypatch.setenv("FINTUNE_DATA_DIR", "")  # not the current folder
-    monkeypatch.setenv("FINTUNE_SERVING__PORT", "")
-    settings = load_settings("cpu")
-    assert settings.data_dir == load_settings("cpu", data_dir=None).data_dir != Path(".")
-    assert settings.serving.port == 8000
+    with pytest.raises(ConfigError, match="FINTUNE_DATA_DIR, FINTUNE_SERVING__API_KEY set but empty"):
+        load_settings("cpu")
+    monkeypatch.delenv("FINTUNE_SERVING__API_KEY")
+    monkeypatch.delenv("FINTUNE_DATA_DIR")
+    monkeypatch.setenv("FINTUNE_CONFIG_DIR", "")  # read before any settings: empty means the default folder
+    assert load_settings("cpu").profile == "cpu"
 
 
 def test_fintune_profile_picks_the_profile_and_explicit_name_wins(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,4 +162,4 @@ def test_a_section_rule_broken_by_a_variable_names_the_variable(monkeypatch: pyt
     with pytest.raises(ConfigError, match=r"FINTUNE_\* overrides") as raised:
         load_settings("cpu")
     assert "queue_size must be at least" in str(raised.value)
-    assert "(with FINTUNE_SERVING__QUEUE_SIZE='10' set)" in str(raised.value)
+    assert "(FINTUNE_SERVING__QUEUE_SIZE set)" in str(raised.value)
