@@ -71,6 +71,7 @@ PII_CASES = [
     ("EMAIL_ADDRESS", "Mail john.doe\u200b@example.com today.", "john.doe\u200b@example.com"),
     ("ACCOUNT_NUMBER", "Refund to account 00123\u200d45678 today.", "00123\u200d45678"),
     ("PHONE_NUMBER", "Call +44 20\u2060 7946 0958\ufeff now.", "+44 20\u2060 7946 0958"),
+    ("US_SSN", "Client SSN 536-22-\u034f8145 on file.", "536-22-\u034f8145"),  # combining grapheme joiner (Mn)
     # a line wrapped after a hyphen inside the number, as PDFs and e-mail clients wrap them
     ("US_SSN", "Client SSN 536-22-\n8145 on file.", "536-22-\n8145"),
     ("CREDIT_CARD", "Card 4111-1111-\r\n  1111-1111 on file.", "4111-1111-\r\n  1111-1111"),

@@ -169,6 +169,7 @@ BAD_INPUTS = [
     ("batch item of wrong type", "/v1/classify/batch", {"json": {"texts": ["ok", 3]}}, 422),
     ("empty document", "/v1/analyze", {"json": {"text": "  "}}, 422),
     ("only invisible characters", "/v1/classify", {"json": {"text": "\u200b\ufeff\u2060"}}, 422),
+    ("only fillers and selectors", "/v1/classify", {"json": {"text": "\u3164\u034f\ufe0f "}}, 422),
     ("document of invisible characters", "/v1/analyze", {"json": {"text": "\u200b \u200d\n\n\ufeff"}}, 422),
     ("big integer", "/v1/classify", {"content": b'{"text": ' + b"1" * 5000 + b"}",
                                      "headers": {"content-type": "application/json"}}, 400),
@@ -226,7 +227,7 @@ class ScoresAsGiven(KeywordClassifier):
                 for t, p in zip(texts, predictions, strict=True)]
 
 
-def test_a_score_that_is_not_a_probability_is_a_502_item_error_and_counted(
+def test_a_score_that_is_not_a_probability_is_that_items_502_and_counted(
     serving_settings: Settings, guard: PIIGuard
 ) -> None:
     with make_client(serving_settings, guard, classifier=ScoresAsGiven()) as test_client:
@@ -241,9 +242,31 @@ def test_a_score_that_is_not_a_probability_is_a_502_item_error_and_counted(
     assert [r["error"]["code"] for r in results[1:4]] == ["invalid_output"] * 3
     rounded = results[4]["result"]
     assert rounded["confidence"] == 1.0 and rounded["scores"]["neutral"] == 1.0  # clipped float rounding
-    assert single.status_code == 502 and single.json()["error"]["code"] == "invalid_output"
-    assert snapshot["errors"]["by_type"] == {"invalid_output": 4}
+    # alone in its batch, a NaN is the model failing (no text got probabilities): counted, the baseline answers
+    assert single.status_code == 200 and single.json()["degraded"] is True
+    assert snapshot["errors"]["by_type"] == {"invalid_output": 3}
+    assert snapshot["fallbacks"] == {"model_error": 1}
     assert snapshot["predictions"]["counts"] == {"positive": 1, "neutral": 1}
+
+
+class AlwaysNaN(KeywordClassifier):
+    """A broken model: NaN for every text."""
+
+    def classify(self, texts: list[str]) -> list[Prediction]:
+        return [Prediction("neutral", float("nan"), dict.fromkeys(("negative", "neutral", "positive"), float("nan")))
+                for _ in super().classify(texts)]
+
+
+def test_a_model_answering_nan_everywhere_trips_the_breaker_and_the_baseline_answers(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    with make_client(serving_settings, guard, classifier=AlwaysNaN()) as test_client:
+        wait_ready(test_client)
+        answers = [test_client.post("/v1/classify", json={"text": f"Net sales rose {i} %."}) for i in range(7)]
+        snapshot = test_client.get("/metrics/json").json()
+    assert all(a.status_code == 200 and a.json()["degraded"] for a in answers), answers[0].text
+    assert snapshot["serving"]["breaker"]["state"] == "open"
+    assert snapshot["fallbacks"] == {"model_error": 5, "breaker_open": 2}
 
 
 def test_an_unexpected_error_is_a_500_the_monitor_counts(serving_settings: Settings, guard: PIIGuard) -> None:
@@ -616,3 +639,14 @@ def test_after_out_of_memory_the_reload_runs_aside_and_requests_are_answered_deg
     assert failing["degraded"] and during["degraded"] and answered_before_the_reload  # nobody waited for it
     assert readiness.status_code == 503 and readiness.json()["model"] == "reloading"  # take me out of rotation
     assert after["degraded"] is False and after["label"] == "positive" and loads == ["first", "reloaded"]
+
+
+def test_a_reloaded_models_fault_injector_goes_on_counting(serving_settings: Settings) -> None:
+    from fintune.serving.model_adapter import FaultInjectingClassifier, InjectedFault
+
+    faults = serving_settings.serving.faults.model_copy(update={"rate": 1.0, "start_s": 0.0})
+    first = FaultInjectingClassifier(KeywordClassifier(), faults, clock=lambda: 100.0)
+    with pytest.raises(InjectedFault):
+        first.classify(["Net sales rose."])
+    reloaded = FaultInjectingClassifier(KeywordClassifier(), faults, clock=lambda: 103.0, previous=first)
+    assert reloaded.describe() == {"injected": 1, "last_fault_age_s": 3.0}  # not a fresh count after a reload

@@ -131,10 +131,11 @@ class PIIGuard:
 
 
 _UNUSUAL = re.compile(r"[^\x20-\x7e]")  # anything but printable ASCII: line breaks, tabs, non-ASCII
-# what detection leaves out: invisible format characters, and a line wrapped or spaces put after a hyphen inside a
+# what detection leaves out: characters shown as nothing (format characters, variation selectors, Hangul
+# fillers: Unicode's default-ignorable ones, \p{DI}), and a line wrapped or spaces put after a hyphen inside a
 # number ("536-22-\n8145", "536- 22- 8145", as PDF extraction and hand typing leave them)
 _LEFT_OUT = regex.compile(
-    r"\p{Cf}|(?<=\d-)[ \t]*(?:\r\n|[\n\r\v\f\x85\u2028\u2029])[ \t]*(?=\d)|(?<=\d-)[ \t]+(?=\d)"
+    r"\p{DI}|(?<=\d-)[ \t]*(?:\r\n|[\n\r\v\f\x85\u2028\u2029])[ \t]*(?=\d)|(?<=\d-)[ \t]+(?=\d)"
 )
 
 

@@ -205,7 +205,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error on %s %s", request.method, request.url.path)
         services = getattr(request.app.state, "services", None)
-        if services is not None:  # a server error the health score and error rate must see
+        if services is not None and request.url.path.startswith("/v1/"):  # a failed classification, not /metrics
             started = getattr(request.state, "started_at", None)
             services.monitor.record(0.0 if started is None else time.perf_counter() - started, error="internal_error")
         return _error(request, 500, "internal_error", "internal error; the request id identifies it in the logs")

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import functools
 import re
-import unicodedata
 from collections.abc import Sequence
 from typing import Any, NamedTuple
+
+import regex
 
 from fintune.errors import InvalidInputError
 
@@ -35,10 +36,14 @@ def _sentencizer() -> Any:
     return nlp
 
 
+_BLANK = regex.compile(r"[\p{Default_Ignorable_Code_Point}\s]*")
+
+
 def is_blank(text: str) -> bool:
-    """Whether ``text`` has nothing to classify: only whitespace and invisible format characters (zero-width
-    spaces, joiners, byte-order marks; ``str.strip`` keeps those)."""
-    return not "".join(ch for ch in text if unicodedata.category(ch) != "Cf").strip()
+    """Whether ``text`` has nothing to classify: only whitespace and characters Unicode says to show as nothing
+    (zero-width spaces and joiners, byte-order marks, variation selectors, Hangul fillers; ``str.strip`` keeps
+    them)."""
+    return _BLANK.fullmatch(text) is not None
 
 
 def split_sentences(document: str) -> list[str]:

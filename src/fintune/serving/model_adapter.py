@@ -85,15 +85,19 @@ def _prediction(classes: Sequence[str], row: np.ndarray) -> Prediction:
 class FaultInjectingClassifier:
     """Wraps a classifier; raises :class:`InjectedFault` on a seeded share of calls inside a time window."""
 
-    def __init__(self, inner: BatchClassifier, faults: FaultInjectionSettings, clock: Any = time.monotonic) -> None:
-        """Faults are drawn with ``faults.seed`` and counted from now (the moment the model is ready)."""
+    def __init__(self, inner: BatchClassifier, faults: FaultInjectionSettings, clock: Any = time.monotonic,
+                 previous: FaultInjectingClassifier | None = None) -> None:
+        """Faults are drawn with ``faults.seed`` and counted from now (the moment the model is ready); a reloaded
+        model's injector continues ``previous``'s window, draws and counts."""
         self.inner, self.faults, self.clock = inner, faults, clock
         self.name, self.profile, self.version = inner.name, inner.profile, inner.version
-        self._random = random.Random(faults.seed)
         self._lock = threading.Lock()
-        self._started = clock()
-        self.injected = 0
-        self._last_fault_at: float | None = None
+        if previous is None:
+            self._random, self._started, self.injected = random.Random(faults.seed), clock(), 0
+            self._last_fault_at: float | None = None
+        else:
+            self._random, self._started, self.injected = previous._random, previous._started, previous.injected
+            self._last_fault_at = previous._last_fault_at
 
     def classify(self, texts: list[str]) -> list[Prediction]:
         """Sleep ``delay_ms``, maybe raise, else classify."""
@@ -124,12 +128,14 @@ class FaultInjectingClassifier:
                     "last_fault_age_s": None if last is None else round(self.clock() - last, 3)}
 
 
-def with_faults(classifier: BatchClassifier, faults: FaultInjectionSettings) -> BatchClassifier:
-    """``classifier`` wrapped in fault injection when the settings ask for faults or delay, else itself."""
+def with_faults(classifier: BatchClassifier, faults: FaultInjectionSettings,
+                previous: FaultInjectingClassifier | None = None) -> BatchClassifier:
+    """``classifier`` wrapped in fault injection when the settings ask for faults or delay, else itself
+    (``previous``: the injector of the model it reloads, whose window and counts go on)."""
     if faults.rate > 0 or faults.delay_ms > 0:
         logger.warning("serving.faults is on (rate %.2f, delay %.0f ms): for tests only", faults.rate,
                        faults.delay_ms)
-        return FaultInjectingClassifier(classifier, faults)
+        return FaultInjectingClassifier(classifier, faults, previous=previous)
     return classifier
 
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from fintune import LABELS
 from fintune.config import RecoverySettings, Settings
-from fintune.errors import CircuitOpenError, InvalidInputError
+from fintune.errors import CircuitOpenError, InvalidInputError, ModelError
 from fintune.guardrails import GuardrailResult
 from fintune.reliability import BreakerState, CircuitBreaker, RecoveryManager
 from fintune.serving.documents import is_blank
@@ -164,6 +164,15 @@ def probabilities_or_none(p: Prediction, tolerance: float = 1e-6) -> Prediction 
     return Prediction(p.label, _unit(p.confidence), {label: _unit(v) for label, v in p.scores.items()})
 
 
+def some_usable(predictions: list[Prediction]) -> list[Prediction]:
+    """``predictions`` when at least one holds probabilities; ModelError when none does (a model answering NaN
+    everywhere is broken, not a run of bad texts)."""
+    if predictions and all(probabilities_or_none(p) is None for p in predictions):
+        raise ModelError(f"the model answered no probabilities for any of {len(predictions)} texts (NaN, infinite "
+                         "or outside 0..1)")
+    return predictions
+
+
 def _unit(value: float) -> float:
     """``value`` clipped to 0..1."""
     return min(1.0, max(0.0, value))
@@ -200,7 +209,7 @@ class ModelSlot:
 
     def _with_faults(self, model: BatchClassifier) -> BatchClassifier:
         """``model`` wrapped in the configured fault injection, which is kept for :meth:`faults_seen`."""
-        wrapped = with_faults(model, self.faults)
+        wrapped = with_faults(model, self.faults, previous=self.fault_injector)
         if isinstance(wrapped, FaultInjectingClassifier):
             self.fault_injector = wrapped
         return wrapped
@@ -236,9 +245,10 @@ class ModelSlot:
         return "reloading" if self.recovery is not None and self.recovery.reloading else self.state
 
     def classify(self, texts: list[str]) -> list[Prediction]:
-        """The model's predictions through recovery and breaker (CircuitOpenError while OPEN)."""
+        """The model's predictions through recovery and breaker (CircuitOpenError while OPEN); a batch in which
+        no text got probabilities is the model failing (the breaker counts it, the baseline answers)."""
         assert self.recovery is not None
-        return self.recovery.call(lambda model: model.classify(texts))
+        return self.recovery.call(lambda model: some_usable(model.classify(texts)))
 
 
 class ClassificationPipeline:
