@@ -137,8 +137,9 @@ def test_settings_shows_profiles_and_env_overrides(capfd: pytest.CaptureFixture[
     ({}, ["train", "--profile", "tiny-mistral", "--output-dir", "FILE"], "is a file, not a folder"),
     ({}, ["lora-report", "--profile", "tiny-mistral", "--output", "DIR"], "is a folder, not a file"),
     ({}, ["guard-eval", "--output", "DIR"], "is a folder, not a file"),
+    ({}, ["lora-report", "--profile", "tiny-mistral", "--output", "FILE/report.json"], "cannot be written"),
 ], ids=["no baselines", "split too small", "min_df too high", "output is a file", "train into a file",
-        "report into a folder", "guard-eval into a folder"])
+        "report into a folder", "guard-eval into a folder", "report under a file"])
 def test_bad_settings_and_paths_are_one_error_line(
     capfd: pytest.CaptureFixture[str], tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     env: dict[str, str], args: list[str], expected: str,
@@ -148,7 +149,8 @@ def test_bad_settings_and_paths_are_one_error_line(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     (tmp_path / "file").write_text("not a folder", encoding="utf-8")
-    paths = {"FILE": str(tmp_path / "file"), "DIR": str(tmp_path)}
+    paths = {"FILE": str(tmp_path / "file"), "DIR": str(tmp_path),
+             "FILE/report.json": str(tmp_path / "file" / "report.json")}
     code, _, err = run_cli(capfd, *[paths.get(a, a) for a in args])
     assert code == 2 and expected in err and "Traceback" not in err
 

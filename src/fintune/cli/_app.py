@@ -18,7 +18,8 @@ app = typer.Typer(
     "FINTUNE_* environment variables override it (FINTUNE_DATA_DIR, FINTUNE_MONITORING__DRIFT_THRESHOLD, ...).\n\n"
     "Example: fintune train --profile cpu && fintune evaluate --model outputs/models/cpu\n\n"
     "Exit codes: 0 done; 1 a run that finished but left texts unanswered by a system failure (classify); "
-    "2 bad input, settings or paths (one 'error:' line, before any slow work where it can be checked).",
+    "2 an error FinTune explains in one 'error:' line: bad input, settings or paths (checked before any slow "
+    "work where they can be), or a model, Ray cluster or recovery that failed.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -46,14 +47,25 @@ ModelProfileOption = Annotated[
 
 
 def output_folder(path: Path, option: str = "--output-dir") -> Path:
-    """``path`` as a folder to write into; ArtifactError before any work when it is a file."""
+    """``path`` as a folder to write into; ArtifactError before any work when it, or a folder above it, is a file."""
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{path} is a file, not a folder: choose another {option}")
+    _check_parents(path, option)
     return path
 
 
 def output_file(path: Path, option: str = "--output") -> Path:
-    """``path`` as a file to write; ArtifactError before any work when it is a folder."""
+    """``path`` as a file to write; ArtifactError before any work when it is a folder, or a folder above it a file."""
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder, not a file: name a file with {option}")
+    _check_parents(path, option)
     return path
+
+
+def _check_parents(path: Path, option: str) -> None:
+    """ArtifactError when a path above ``path`` exists as a file (no folder can be made under it)."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ArtifactError(f"{parent} is a file, so {path} cannot be written: choose another {option}")
+            return

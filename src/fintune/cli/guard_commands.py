@@ -102,9 +102,8 @@ def guard_eval_command(
     """Recall and leak rate on synthetic PII (dev and held-out eval templates), clean sentences altered, latency."""
     from fintune.guardrails import evaluation as guard_eval
 
-    if output is not None:
-        output_file(output)
     settings = load_settings(profile)
+    target = output_file(output or settings.output_dir / "guardrails" / "guard_eval.json")
     # a typo is a usage error, not a report without its clean-sentence figures
     subset = check_subset(subset or settings.data.subset)
     config = settings.guardrails
@@ -127,7 +126,6 @@ def guard_eval_command(
     report["targets"] = _targets(report)
     if compare_defaults:
         report["presidio_defaults"] = _presidio_defaults(settings, clean["texts"], texts)
-    target = output or settings.output_dir / "guardrails" / "guard_eval.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     console.print(_summary_table(report))
