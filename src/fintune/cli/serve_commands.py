@@ -275,7 +275,7 @@ def _csv_rows(handle: io.StringIO, column: str, path: Path) -> Iterator[tuple[st
             row = next(reader, None)
             if row is None:
                 return
-            yield _row_id(row.get("id"), n), _field(row, column, f"{path}:{start}")
+            yield _row_id(row.get("id"), n), _field(row, column, path, start)
     except csv.Error as exc:
         raise InvalidInputError(f"{path}:{start} is not valid CSV ({exc}); look for an unclosed quote there") from None
 
@@ -311,17 +311,16 @@ def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
         return str(n), value
     if not isinstance(value, dict):
         raise InvalidInputError(f"{path}:{n} must be a JSON object with a {column!r} key or a string")
-    return _row_id(value.get("id"), n), _field(value, column, f"{path}:{n}")
+    return _row_id(value.get("id"), n), _field(value, column, path, n)
 
 
-def _field(row: dict[str, Any], column: str, where: str) -> str:
-    """The text of a row; InvalidInputError naming its line (``where``: ``path:line``) when it is missing or not a
-    string."""
+def _field(row: dict[str, Any], column: str, path: Path, line: int) -> str:
+    """The text of a row; InvalidInputError naming its ``path:line`` when it is missing or not a string."""
     if column not in row:
         found = ", ".join(repr(key) for key in row if key) or "none"
-        hint = ", or save the CSV comma-separated" if where.rsplit(":", 1)[0].lower().endswith(".csv") else ""
-        raise InvalidInputError(f"{where} has no {column!r} field (it has: {found}); name the text's field with "
-                                f"--text-column{hint}")
+        hint = ", or save the CSV comma-separated" if path.suffix.lower() == ".csv" else ""
+        raise InvalidInputError(f"{path}:{line} has no {column!r} field (it has: {found}); name the text's field "
+                                f"with --text-column{hint}")
     if not isinstance(row[column], str):
-        raise InvalidInputError(f"{where}: {column!r} holds no text")
+        raise InvalidInputError(f"{path}:{line}: {column!r} holds no text")
     return row[column]

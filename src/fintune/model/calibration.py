@@ -11,6 +11,7 @@ it says. Light: numpy and scipy only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,6 +20,8 @@ from scipy.optimize import minimize_scalar
 from fintune import LABELS
 from fintune.config import InferenceSettings
 from fintune.data import Example
+from fintune.evaluation import classification_metrics, write_json
+from fintune.monitoring.drift import save_drift_baseline
 
 TEMPERATURE_RANGE = (0.05, 20.0)
 """The temperatures the fit may choose from. An untrained model whose scores carry no signal drives the fit to
@@ -119,6 +122,21 @@ def validation_probabilities(
     if inference.calibrate:
         return calibrate(classifier, examples, inference.calibration_bins, source)
     return classifier.predict_proba([ex.text for ex in examples]), None
+
+
+def score_validation(
+    classifier: TemperedClassifier, examples: list[Example], subset: str, inference: InferenceSettings, out: Path
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Validation accuracy and macro-F1 of a freshly trained model (either backend) and, when
+    ``inference.calibrate``, its fitted temperature (set on the classifier); writes ``validation_report.json`` and
+    the drift baseline from its validation predictions into ``out`` (the service compares live predictions with it)."""
+    source = f"validation of {subset} ({len(examples)} sentences)"
+    probabilities, calibration = validation_probabilities(classifier, examples, inference, source)
+    predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
+    metrics = classification_metrics([ex.label for ex in examples], predicted)
+    write_json(out / "validation_report.json", metrics)
+    save_drift_baseline(out, predicted, LABELS, source=source)
+    return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}, calibration
 
 
 def card_temperature(card: dict[str, Any]) -> float:

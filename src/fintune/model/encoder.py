@@ -1,8 +1,8 @@
 """The CPU fallback: a small encoder with a classification head, fine-tuned with a plain torch loop.
 
 Deliberately isolated from the QLoRA path (an earlier design tangled its fallback with TRL and GPU-only
-features): this module imports torch, transformers' auto classes, FinTune's data/config and the drift baseline
-writer of monitoring only. Importing or running it never imports bitsandbytes, peft or trl (a test runs it with
+features): this module imports torch, transformers' auto classes and FinTune's data/config/calibration (which
+writes the drift baseline) only. Importing or running it never imports bitsandbytes, peft or trl (a test runs it with
 those made unimportable); only scoring a QLoRA *teacher* to distil from (``encoder.distill_from``,
 :mod:`fintune.model.distillation`) loads them.
 
@@ -30,14 +30,13 @@ from fintune import LABELS
 from fintune.config import EncoderSettings, Settings
 from fintune.data import DataSplits, Example, load_splits
 from fintune.errors import ModelError
-from fintune.evaluation import classification_metrics, write_json
+from fintune.evaluation import write_json
 from fintune.model.buckets import length_buckets
-from fintune.model.calibration import card_temperature, validation_probabilities
+from fintune.model.calibration import card_temperature, score_validation
 from fintune.model.card import CARD_FILE, read_card
 from fintune.model.distillation import TeacherTargets, teacher_folder, teacher_targets
 from fintune.model.plots import plot_loss_curve
 from fintune.model.precision import resolve_dtype
-from fintune.monitoring.drift import save_drift_baseline
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -174,7 +173,8 @@ def train_encoder(
     classifier.save(output_dir)
     plot_loss_curve(loss_history(losses), output_dir / "loss_curve.png", title=f"{settings.profile}: training loss",
                     ylabel="training loss (mean over steps)")
-    validation, calibration = validation_scores(classifier, splits, settings, output_dir)
+    validation, calibration = score_validation(classifier, splits.validation, splits.subset, settings.model.inference,
+                                               output_dir)
     source = encoder_source(encoder)
     card = {
         "provenance": provenance(command or f"fintune train --profile {settings.profile}"),
@@ -196,22 +196,6 @@ def train_encoder(
     }
     write_json(output_dir / CARD_FILE, card)
     return classifier, card
-
-
-def validation_scores(
-    classifier: EncoderClassifier, splits: DataSplits, settings: Settings, out: Path
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Validation accuracy and macro-F1, and the temperature fitted there when ``inference.calibrate``; writes
-    ``validation_report.json`` and the drift baseline from the validation predictions into ``out``, as the QLoRA
-    trainer does (the service compares live predictions with it)."""
-    examples = splits.validation
-    source = f"validation of {splits.subset} ({len(examples)} sentences)"
-    probabilities, calibration = validation_probabilities(classifier, examples, settings.model.inference, source)
-    predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
-    metrics = classification_metrics([ex.label for ex in examples], predicted)
-    write_json(out / "validation_report.json", metrics)
-    save_drift_baseline(out, predicted, LABELS, source=source)
-    return {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}, calibration
 
 
 def linear_warmup_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:

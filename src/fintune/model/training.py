@@ -28,12 +28,11 @@ from safetensors.torch import load_file
 from transformers import TrainerState, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from fintune import LABELS
-from fintune.config import InferenceSettings, Settings, TrainingSettings
+from fintune.config import Settings, TrainingSettings
 from fintune.data import DataSplits, Example, load_splits
 from fintune.errors import ArtifactError
-from fintune.evaluation import classification_metrics, write_json
-from fintune.model.calibration import validation_probabilities
+from fintune.evaluation import write_json
+from fintune.model.calibration import score_validation
 from fintune.model.card import CARD_FILE, CHECKPOINT_DIR, default_model_dir
 from fintune.model.inference import SentimentClassifier
 from fintune.model.loading import load_tokenizer, resolve_base
@@ -41,7 +40,6 @@ from fintune.model.lora import check_targets, count_parameters, lora_config
 from fintune.model.plots import plot_loss_curve
 from fintune.model.precision import resolve_dtype
 from fintune.model.quantization import load_base
-from fintune.monitoring.drift import save_drift_baseline
 from fintune.provenance import provenance
 
 logger = logging.getLogger(__name__)
@@ -173,7 +171,8 @@ def train(
     classifier = SentimentClassifier(peft_model, tokenizer, model_cfg.training.prompt_template,
                                      model_cfg.inference)
     validation, calibration = score_validation(
-        classifier, splits, model_cfg.training.validation_limit, model_cfg.inference, out
+        classifier, splits.validation_head(model_cfg.training.validation_limit), splits.subset, model_cfg.inference,
+        out,
     )
     trainable, total = count_parameters(peft_model)
     card = {
@@ -284,22 +283,6 @@ def run_mean_loss(log_history: list[dict[str, Any]], session_loss: float, resume
             covered = entry["step"]
     session_steps = global_step - resumed_from
     return (earlier + float(session_loss) * session_steps) / max(covered + session_steps, 1)
-
-
-def score_validation(
-    classifier: SentimentClassifier, splits: DataSplits, limit: int | None, inference: InferenceSettings, out: Path
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Validation metrics of the freshly trained model and, when ``inference.calibrate``, its fitted temperature
-    (set on the classifier); also writes the drift baseline from its predictions."""
-    examples = splits.validation_head(limit)
-    source = f"validation of {splits.subset} ({len(examples)} sentences)"
-    probabilities, calibration = validation_probabilities(classifier, examples, inference, source)
-    predicted = [LABELS[int(i)] for i in probabilities.argmax(axis=1)]
-    metrics = classification_metrics([ex.label for ex in examples], predicted)
-    write_json(out / "validation_report.json", metrics)
-    save_drift_baseline(out, predicted, LABELS, source=source)
-    scores = {"sentences": len(examples), "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]}
-    return scores, calibration
 
 
 def model_card(card: dict[str, Any]) -> str:
