@@ -166,7 +166,6 @@ BAD_INPUTS = [
                                         "headers": {"content-type": "application/json"}}, 422),
     ("batch over the maximum", "/v1/classify/batch", {"json": {"texts": ["Sales rose."] * 257}}, 422),
     ("empty batch", "/v1/classify/batch", {"json": {"texts": []}}, 422),
-    ("batch item of wrong type", "/v1/classify/batch", {"json": {"texts": ["ok", 3]}}, 422),
     ("empty document", "/v1/analyze", {"json": {"text": "  "}}, 422),
     ("only invisible characters", "/v1/classify", {"json": {"text": "\u200b\ufeff\u2060"}}, 422),
     ("only fillers and selectors", "/v1/classify", {"json": {"text": "\u3164\u034f\ufe0f "}}, 422),
@@ -193,6 +192,27 @@ def test_bad_input_is_a_clear_4xx_and_the_service_stays_healthy(
     assert body["request_id"] == response.headers["x-request-id"]
     assert client.get("/healthz").status_code == 200
     assert client.post("/v1/classify", json={"text": "Net sales rose."}).json()["label"] == "positive"
+
+
+def test_batch_entries_that_are_not_strings_get_their_own_error_and_the_others_an_answer(client: TestClient) -> None:
+    secret = {"ssn": "536-22-8145"}
+    response = client.post("/v1/classify/batch", json={"texts": ["Net sales rose.", 3, None, True, [1], secret,
+                                                                 "Profit fell."]})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [r["result"]["label"] if r["result"] else None for r in body["results"]] == [
+        "positive", None, None, None, None, None, "negative"]
+    messages = [r["error"]["message"] for r in body["results"][1:6]]
+    assert [m.split(",")[0] for m in messages] == [
+        "this entry is a number", "this entry is null", "this entry is a boolean", "this entry is an array",
+        "this entry is an object"]
+    assert {r["error"]["code"] for r in body["results"][1:6]} == {"invalid_input"}
+    assert body["errors"] == 5 and "8145" not in response.text
+
+
+def test_a_batch_of_another_type_than_an_array_is_still_a_422(client: TestClient) -> None:
+    response = client.post("/v1/classify/batch", json={"texts": "Net sales rose."})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request"
 
 
 def test_a_batch_item_of_invisible_characters_gets_its_own_error(client: TestClient) -> None:

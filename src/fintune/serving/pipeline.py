@@ -286,8 +286,12 @@ class ClassificationPipeline:
         """The text when classifiable, else InvalidInputError (empty, too long, control characters)."""
         return validate_text(text, self.serving.max_text_chars)
 
-    def validation_error(self, text: str) -> ItemError | None:
-        """The validation problem of one text as an ItemError, or None."""
+    def validation_error(self, text: object) -> ItemError | None:
+        """The validation problem of one batch entry as an ItemError (a JSON value that is not a string, or a
+        text :meth:`validate` refuses), or None."""
+        if not isinstance(text, str):  # its value is not quoted back: it may hold anything, PII too
+            return ItemError("invalid_input", f"this entry is {json_type(text)}, not a string: send each text as a "
+                             "JSON string", 422)
         try:
             self.validate(text)
         except InvalidInputError as exc:
@@ -442,3 +446,14 @@ class ClassificationPipeline:
             "latency_baseline_p95_s": None if self.slot.recovery is None else self.slot.recovery.latency_baseline_p95_s,
             "faults": self.slot.faults_seen(),
         }
+
+
+def json_type(value: object) -> str:
+    """The JSON type of a parsed JSON value, with its article ("a number", "null")."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {list: "an array", dict: "an object"}.get(type(value), f"a {type(value).__name__}")

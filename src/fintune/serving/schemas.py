@@ -1,20 +1,25 @@
 """Request and response bodies of the HTTP API (pydantic), as published in the OpenAPI schema at /docs.
 
-Types are checked here (a number where a string belongs is a 422); the content rules that depend on settings
-(empty or whitespace text, length, control characters, batch size) are checked by the pipeline, so a bad item
-in a batch gets its own ``error`` object instead of failing the request.
+Types are checked here (a number where a string belongs is a 422), except for the entries of a batch: those,
+like the content rules that depend on settings (empty or whitespace text, length, control characters, batch
+size), are checked by the pipeline, so a bad entry gets its own ``error`` object instead of failing the request.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from fintune.config import ServingSettings
 from fintune.guardrails import GuardrailResult
 
 Label = Literal["negative", "neutral", "positive"]
+
+
+BatchText = Annotated[Any, WithJsonSchema({"type": "string"})]
+"""A batch entry: published as a string, parsed as any JSON value, so that an entry of another type is that
+entry's own error (``invalid_input``) and does not fail the other entries."""
 
 
 class _Body(BaseModel):
@@ -33,8 +38,8 @@ class ClassifyRequest(_Body):
 class BatchRequest(_Body):
     """Several texts, classified in one request (at most serving.max_batch_items)."""
 
-    texts: list[str] = Field(description="The texts, answered in the same order.",
-                             examples=[["Net sales fell 5 %.", "The board meets on Monday."]])
+    texts: list[BatchText] = Field(description="The texts, answered in the same order.",
+                                   examples=[["Net sales fell 5 %.", "The board meets on Monday."]])
 
 
 class AnalyzeRequest(_Body):
@@ -235,8 +240,8 @@ CLASSIFY_ERRORS = _error_responses(
     "`guardrail_failed`: the PII guard failed, so nothing reached the model; ", _BAD_OUTPUT + ".",
 )
 BATCH_ERRORS = _error_responses(
-    "an empty batch or one over serving.max_batch_items (a bad text, a failed guard or model output gets its "
-    "own `error` inside a 200 instead)",
+    "an empty batch or one over serving.max_batch_items (a bad text or one that is not a string, a failed guard "
+    "or model output gets its own `error` inside a 200 instead)",
     "", None,
 )
 ANALYZE_ERRORS = _error_responses(

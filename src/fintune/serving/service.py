@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -191,8 +191,9 @@ class Services:
             raise ItemFailedError(outcome.error)
         return {**classification(outcome), "latency_ms": round(latency * 1000, 3)}
 
-    async def classify_batch(self, texts: list[str]) -> dict[str, Any]:
-        """Several texts: one entry per text in order; bad texts get their own error."""
+    async def classify_batch(self, texts: Sequence[object]) -> dict[str, Any]:
+        """Several texts: one entry per text in order; bad texts, and entries that are not strings, get their own
+        error."""
         started = time.perf_counter()
         pipeline, _ = self._parts()
         limit = self.settings.serving.max_batch_items
@@ -204,7 +205,7 @@ class Services:
                 "split the batch"
             )
         errors = [pipeline.validation_error(t) for t in texts]
-        valid = [t for t, e in zip(texts, errors, strict=True) if e is None]
+        valid = [t for t, e in zip(texts, errors, strict=True) if e is None and isinstance(t, str)]
         processed = iter(await self._submit(valid, started) if valid else [])
         outcomes = [ItemOutcome(error=e) if e is not None else next(processed) for e in errors]
         latency = time.perf_counter() - started
