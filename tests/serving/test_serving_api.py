@@ -194,6 +194,21 @@ def test_bad_input_is_a_clear_4xx_and_the_service_stays_healthy(
     assert client.post("/v1/classify", json={"text": "Net sales rose."}).json()["label"] == "positive"
 
 
+@pytest.mark.parametrize("client_id", ["536-22-8145", "4111111111111111", "212-555-0198"])
+def test_a_request_id_holding_pii_is_replaced_not_echoed(client: TestClient, client_id: str) -> None:
+    response = client.post("/v1/classify", json={"text": "Net sales rose."}, headers={"X-Request-ID": client_id})
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == response.json()["request_id"]
+    assert client_id not in response.headers["x-request-id"] and len(response.headers["x-request-id"]) == 32
+
+
+@pytest.mark.parametrize("client_id", ["req-1", "order.2026-12-03", "0b9a4f1e-5c1d-4a57-9d3e-8f0a2b6c7d1e",
+                                       "0b9a4f1e5c1d4a579d3e8f0a2b6c7d1e"])
+def test_a_request_id_without_pii_is_echoed(client: TestClient, client_id: str) -> None:
+    response = client.get("/healthz", headers={"X-Request-ID": client_id})
+    assert response.headers["x-request-id"] == response.json()["request_id"] == client_id
+
+
 def test_batch_entries_that_are_not_strings_get_their_own_error_and_the_others_an_answer(client: TestClient) -> None:
     secret = {"ssn": "536-22-8145"}
     response = client.post("/v1/classify/batch", json={"texts": ["Net sales rose.", 3, None, True, [1], secret,
