@@ -173,6 +173,7 @@ BAD_INPUTS = [
     ("big integer", "/v1/classify", {"content": b'{"text": ' + b"1" * 5000 + b"}",
                                      "headers": {"content-type": "application/json"}}, 400),
     ("form content type", "/v1/classify", {"data": {"text": "Sales rose."}}, 415),
+    ("JSON without a content type", "/v1/classify", {"content": b'{"text": "Sales rose."}'}, 415),
     ("text content type", "/v1/classify/batch", {"content": b'{"texts": ["a"]}',
                                                  "headers": {"content-type": "text/plain"}}, 415),
     ("JSON nested too deeply", "/v1/classify", {"content": b'{"text": ' + b"[" * 5000 + b"]" * 5000 + b"}",
@@ -242,6 +243,14 @@ def test_a_media_type_is_quoted_back_only_when_it_looks_like_one(client: TestCli
         response = client.post("/v1/classify", content=b'{"text": "ok"}', headers={"content-type": header})
         assert response.status_code == 415
         assert response.json()["error"]["message"].endswith(f"(got {shown})"), response.text
+
+
+def test_a_body_without_a_content_type_is_told_to_name_one(client: TestClient) -> None:
+    response = client.post("/v1/classify", content=b'{"text": "Sales rose."}')
+    assert response.status_code == 415
+    assert response.json()["error"]["message"].startswith("the request has no Content-Type header")
+    empty = client.post("/v1/classify", content=b"")
+    assert empty.status_code == 422 and empty.json()["error"]["message"] == "body: Field required"
 
 
 def test_invalid_json_says_why(client: TestClient) -> None:

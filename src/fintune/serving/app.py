@@ -168,11 +168,9 @@ def _add_error_handlers(app: FastAPI) -> None:
         denied = _unauthenticated(request)  # FastAPI parses the body before any dependency: the key comes first
         if denied is not None:
             return _http_error(request, denied)
-        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type and media_type != "application/json" and not media_type.endswith("+json"):
-            # FastAPI reads such a body as no JSON at all and reports "Input should be a valid dictionary"
-            return _error(request, 415, "unsupported_media_type",
-                          f"send the body as JSON with Content-Type: application/json (got {_shown(media_type)})")
+        unsupported = await _unsupported_media_type(request)
+        if unsupported is not None:
+            return _error(request, 415, "unsupported_media_type", unsupported)
         status, code, message = _readable(exc.errors())
         return _error(request, status, code, message)
 
@@ -210,6 +208,22 @@ def _add_error_handlers(app: FastAPI) -> None:
             started = getattr(request.state, "started_at", None)
             services.monitor.record(0.0 if started is None else time.perf_counter() - started, error="internal_error")
         return _error(request, 500, "internal_error", "internal error; the request id identifies it in the logs")
+
+
+async def _unsupported_media_type(request: Request) -> str | None:
+    """Why the body was not read as JSON, when its Content-Type is the reason (None when it is not).
+
+    FastAPI reads a body of another media type, or one sent with no Content-Type at all (its strict default,
+    which keeps a browser's form or ``fetch`` from posting JSON across origins), as no JSON and reports "Input
+    should be a valid dictionary", which names neither the header nor the fix."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not media_type:
+        if not await request.body():  # no body at all: the missing fields say it
+            return None
+        return "the request has no Content-Type header: send the body as JSON with Content-Type: application/json"
+    if media_type == "application/json" or media_type.endswith("+json"):
+        return None
+    return f"send the body as JSON with Content-Type: application/json (got {_shown(media_type)})"
 
 
 _MEDIA_TYPE = re.compile(r"[a-z]+/[a-z.+-]{1,60}")  # no digits, no @: a header can carry anything, PII too
