@@ -76,7 +76,15 @@ def test_analyze_splits_classifies_and_aggregates_redacted(client: TestClient) -
     assert sum(aggregate["label_shares"].values()) == pytest.approx(1.0)
     assert aggregate["score"] == pytest.approx(0.2) and aggregate["label"] == "positive"
     assert aggregate["most_negative"]["text"] == "Operating profit fell in Q3."
+    assert aggregate["most_positive"]["label"] == "positive"
     assert "<EMAIL_ADDRESS>" in body["results"][2]["text"]
+
+
+def test_a_document_without_positive_sentences_has_no_most_positive(client: TestClient) -> None:
+    aggregate = client.post("/v1/analyze", json={"text": "Operating profit fell in Q3."}).json()["aggregate"]
+    assert aggregate["label"] == "negative"
+    assert aggregate["most_negative"]["text"] == "Operating profit fell in Q3."
+    assert aggregate["most_positive"] is None
 
 
 class BullishOnProfit(KeywordClassifier):

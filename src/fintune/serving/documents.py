@@ -158,7 +158,14 @@ def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "label_shares": shares,
         "score": round(score, 6),
         "label": label,
-        "most_negative": max(results, key=lambda r: r["scores"].get("negative", 0.0)) if n else None,
-        "most_positive": max(results, key=lambda r: r["scores"].get("positive", 0.0)) if n else None,
+        "most_negative": most(results, "negative"),
+        "most_positive": most(results, "positive"),
         "degraded_sentences": sum(bool(r["degraded"]) for r in results),
     }
+
+
+def most(results: Sequence[dict[str, Any]], label: str) -> dict[str, Any] | None:
+    """Of the results labelled ``label``, the one with the highest probability of it (the first on a tie); None
+    when no result has that label: a document of bad news has no "most positive" sentence to show."""
+    labelled = [r for r in results if r["label"] == label]
+    return max(labelled, key=lambda r: r["scores"].get(label, 0.0)) if labelled else None

@@ -144,8 +144,10 @@ class Aggregate(BaseModel):
         "0 neutral, -1 negative, c = confidence."
     )
     label: Label = Field(description="negative below -0.1, positive above 0.1, else neutral.")
-    most_negative: SentenceResult | None = Field(description="The sentence with the highest P(negative).")
-    most_positive: SentenceResult | None = Field(description="The sentence with the highest P(positive).")
+    most_negative: SentenceResult | None = Field(
+        description="Of the sentences labelled negative, the one with the highest P(negative); null when none is.")
+    most_positive: SentenceResult | None = Field(
+        description="Of the sentences labelled positive, the one with the highest P(positive); null when none is.")
     degraded_sentences: int = Field(description="Sentences answered by the TF-IDF baseline.")
 
 
