@@ -75,6 +75,12 @@ def test_baselines_writes_comparison(capfd: pytest.CaptureFixture[str], tiny_dat
     ("args", "env", "message"),
     [
         (["baselines", "--subset", "90agree"], {}, "unknown subset '90agree'"),
+        # an empty --subset (an unset shell variable) is refused by every command, not read as the default
+        (["baselines", "--subset", ""], {}, "unknown subset ''"),
+        (["train", "--subset", "", "--max-steps", "1"], {}, "unknown subset ''"),
+        (["evaluate", "--model", "/nonexistent/model", "--subset", ""], {}, "unknown subset ''"),
+        (["guard-eval", "--subset", ""], {}, "unknown subset ''"),
+        (["data", "--subset", ""], {}, "unknown subset ''"),
         (["data"], {"FINTUNE_DATA_DIR": "/nonexistent/phrasebank"}, "does not exist"),
         (["data", "--profile", "nope"], {}, "unknown profile 'nope'"),
         (["settings", "--list"], {"FINTUNE_CONFIG_DIR": "/"}, "no profiles (*.yaml) in /"),

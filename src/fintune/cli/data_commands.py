@@ -61,7 +61,7 @@ def baselines_command(
     from fintune.baselines import run_baselines
 
     settings = load_settings(profile)
-    splits = load_splits(settings, check_subset(subset) if subset else None)
+    splits = load_splits(settings, None if subset is None else check_subset(subset))
     target = output_folder(output_dir or settings.output_dir / "baselines" / splits.subset)
     console.print(
         f"baselines on {splits.subset}: {len(splits.train)} train / {len(splits.test)} test sentences "

@@ -105,7 +105,7 @@ def guard_eval_command(
     settings = load_settings(profile)
     target = output_file(output or settings.output_dir / "guardrails" / "guard_eval.json")
     # a typo is a usage error, not a report without its clean-sentence figures
-    subset = check_subset(subset or settings.data.subset)
+    subset = check_subset(settings.data.subset if subset is None else subset)
     config = settings.guardrails
     guard = _guard(settings)
     report: dict[str, Any] = {

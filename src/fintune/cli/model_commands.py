@@ -72,7 +72,7 @@ def train_command(
     if teacher is not None and settings.model.backend != "encoder":
         raise typer.BadParameter(f"only the encoder backend learns from a teacher, not {settings.profile}'s "
                                  f"{settings.model.backend}", param_hint="--teacher")
-    splits = load_splits(settings, check_subset(subset) if subset else None)
+    splits = load_splits(settings, None if subset is None else check_subset(subset))
     target = output_folder(output_dir or default_model_dir(settings, splits.subset))
     if skip_if_trained and is_trained(target, settings.profile, splits.fingerprint):
         console.print(f"{target} already holds {settings.profile} trained on {splits.fingerprint[:16]}: skipped")
@@ -216,9 +216,11 @@ def evaluate_command(
     """Score a trained model on a test split; write metrics.json and comparison.json against the baselines."""
     from fintune.model.assessment import evaluate
 
+    if subset is not None:  # '' too (an unset shell variable): refused, not read as the default
+        check_subset(subset)
     card = read_card(model)
     settings = load_settings(profile or card.get("profile"))
-    name = check_subset(subset or card.get("data", {}).get("subset") or settings.data.subset)
+    name = check_subset(subset if subset is not None else card.get("data", {}).get("subset") or settings.data.subset)
     target = output_folder(output_dir or model / "eval" / name)
     result = evaluate(model, settings, name, target, command=command_line())
     metrics, comparison = result["metrics"], result["comparison"]
