@@ -42,6 +42,24 @@ def test_bad_jsonl_line_names_the_line_not_its_pii(tmp_path: Path, capsys: pytes
     assert "bad.jsonl:2" in err and "'text'" in err and "536-22-8145" not in err
 
 
+def test_guard_reads_a_jsonl_file_as_classify_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # a spreadsheet's byte-order mark, a U+2028 inside a JSON string (str.splitlines cut the record there) and a
+    # bare JSON string line, which `fintune classify --input` all took and `guard --jsonl` refused
+    source = tmp_path / "export.ndjson"
+    source.write_bytes("\ufeff".encode() + b'{"text": "SSN 536-22-8145\xe2\x80\xa8next"}\n"mail li.wang@example.org"\n')
+    assert main(["guard", "--jsonl", str(source)]) == 0, capsys.readouterr().err
+    lines = capsys.readouterr().out.strip().split("\n")  # the output keeps the U+2028 too
+    assert [json.loads(line)["redacted_text"] for line in lines] == ["SSN <US_SSN>\u2028next", "mail <EMAIL_ADDRESS>"]
+
+
+def test_guard_names_the_line_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "latin1.jsonl"
+    source.write_bytes(b'{"text": "fine"}\n{"text": "Gew\xfcrz SSN 536-22-8145"}\n')
+    assert main(["guard", "--jsonl", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert "latin1.jsonl:2 is not UTF-8" in err and "536-22-8145" not in err
+
+
 def test_guard_needs_exactly_one_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["guard"]) == 2
     assert "exactly one" in capsys.readouterr().err
@@ -93,7 +111,7 @@ def test_an_unreadable_jsonl_file_fails_before_the_guard_loads(
 
     monkeypatch.setattr(commands, "_guard", no_guard)
     assert main(["guard", "--jsonl", str(tmp_path / "missing.jsonl")]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert "missing.jsonl does not exist" in capsys.readouterr().err
     (tmp_path / "blank.jsonl").write_text("\n  \n", encoding="utf-8")
     assert main(["guard", "--jsonl", str(tmp_path / "blank.jsonl")]) == 2  # not a silent exit 0
     assert "blank.jsonl holds no text to guard" in capsys.readouterr().err

@@ -10,7 +10,8 @@ import pytest
 from serving_helpers import PII_TEXT, PII_VALUES
 
 from fintune.cli import main
-from fintune.cli.serve_commands import example_curl, read_texts
+from fintune.cli.inputs import read_texts
+from fintune.cli.serve_commands import example_curl
 from fintune.config import load_settings
 from fintune.errors import InvalidInputError
 from fintune.model.card import card_version

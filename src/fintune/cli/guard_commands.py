@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -18,6 +17,7 @@ import typer
 from rich.table import Table
 
 from fintune.cli._app import ProfileOption, app, console, output_file
+from fintune.cli.inputs import read_jsonl
 from fintune.config import Settings, load_settings
 from fintune.data import check_subset, find_source, load_examples
 from fintune.errors import DataError, GuardrailError
@@ -44,14 +44,16 @@ def _guard(settings: Settings) -> PIIGuard:
 def guard_command(
     text: Annotated[str | None, typer.Argument(help="Text to guard; omit it when using --jsonl.")] = None,
     jsonl: Annotated[
-        Path | None, typer.Option("--jsonl", help="File with one JSON object per line holding a 'text' field.")
+        Path | None, typer.Option("--jsonl", help="UTF-8 file with one JSON object per line holding a 'text' field "
+                     "(or one JSON string per line).")
     ] = None,
     profile: ProfileOption = None,
 ) -> None:
     """Mask PII and print one GuardrailResult as JSON per input (one line per --jsonl line, in order)."""
     if (text is None) == (jsonl is None):
         raise GuardrailError("give either TEXT or --jsonl FILE (exactly one of them)")
-    texts = None if jsonl is None else list(_read_texts(jsonl))  # a bad file fails before the slow guard load
+    # a bad file fails before the slow guard load, read as `fintune classify --input` reads a .jsonl
+    texts = None if jsonl is None else [line_text for _, line_text in read_jsonl(jsonl)]
     if texts == []:
         raise GuardrailError(f"{jsonl} holds no text to guard")
     guard = _guard(load_settings(profile))
@@ -60,24 +62,6 @@ def guard_command(
         return
     for result in guard.redact_batch(texts):
         typer.echo(result.to_json())
-
-
-def _read_texts(path: Path) -> Iterator[str]:
-    """The 'text' field of each non-blank line of a JSON-lines file; errors name the line, never its content."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GuardrailError(f"cannot read {path}: {exc.__class__.__name__}; give a UTF-8 JSON-lines file") from exc
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GuardrailError(f"{path}:{number} is not valid JSON (column {exc.colno})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise GuardrailError(f"{path}:{number} must be a JSON object with a string 'text' field")
-        yield record["text"]
 
 
 @app.command("guard-eval")

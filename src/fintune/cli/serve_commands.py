@@ -7,17 +7,14 @@ and writes one JSON line per text, with a progress bar on stderr. Records carry 
 
 from __future__ import annotations
 
-import csv
 import errno
-import io
-import itertools
 import json
 import math
 import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, Literal, TextIO
@@ -26,6 +23,7 @@ import typer
 from tqdm import tqdm
 
 from fintune.cli._app import ProfileOption, app, console, err_console
+from fintune.cli.inputs import read_texts
 from fintune.config import Settings, load_settings
 from fintune.errors import IncompleteRunError, InvalidInputError, ServingError
 
@@ -243,84 +241,3 @@ def _record_chunks(texts: list[str], settings: Settings, engine: Engine, stack: 
     return (classify(texts[start : start + size]) for start in range(0, len(texts), size))
 
 
-def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
-    """(id, text) pairs from a .txt, .csv or .jsonl file; ids default to the 1-based line or row number."""
-    if path.is_dir():
-        raise InvalidInputError(f"input {path} is a folder, not a file: name a .txt, .csv or .jsonl file")
-    if not path.is_file():
-        raise InvalidInputError(f"input file {path} does not exist")
-    suffix = path.suffix.lower()
-    with io.StringIO(_utf8_text(path), newline="") as handle:
-        if suffix == ".txt":
-            yield from ((str(n), line.rstrip("\r\n")) for n, line in enumerate(handle, 1) if line.strip())
-        elif suffix == ".csv":
-            yield from _csv_rows(handle, column, path)
-        elif suffix == ".jsonl":
-            for n, line in enumerate(handle, 1):
-                if line.strip():
-                    yield _jsonl_row(line, column, path, n)
-        else:
-            raise InvalidInputError(f"{path}: unknown input format {suffix!r}; use .txt, .csv or .jsonl")
-
-
-def _csv_rows(handle: io.StringIO, column: str, path: Path) -> Iterator[tuple[str, str]]:
-    """(id, text) of each CSV row, read strictly: a stray quote, which would swallow every later row into one
-    field, is an InvalidInputError naming the line."""
-    reader = csv.DictReader(handle, strict=True)
-    start = 1  # the line the record being read starts on
-    try:
-        _ = reader.fieldnames  # the header, read first
-        for n in itertools.count(1):
-            start = reader.line_num + 1
-            row = next(reader, None)
-            if row is None:
-                return
-            yield _row_id(row.get("id"), n), _field(row, column, path, start)
-    except csv.Error as exc:
-        raise InvalidInputError(f"{path}:{start} is not valid CSV ({exc}); look for an unclosed quote there") from None
-
-
-def _row_id(value: Any, n: int) -> str:
-    """A row's id: its own, else (absent, null or empty) its 1-based number; a lone surrogate (JSON allows
-    ``"\\ud800"``), which no UTF-8 output can hold, is written as its escape."""
-    text = str(n) if value is None or value == "" else str(value)
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _utf8_text(path: Path) -> str:
-    """The whole file as text (a leading byte-order mark, as spreadsheets write, dropped); InvalidInputError naming
-    the first line that is not UTF-8, never its content."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read {path}: {exc.strerror or exc}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise InvalidInputError(f"{path}:{line} is not UTF-8 text; save the file as UTF-8") from None
-
-
-def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
-    """(id, text) of one JSONL line: an object with the text key, or a bare JSON string."""
-    try:
-        value = json.loads(line)
-    except ValueError as exc:
-        raise InvalidInputError(f"{path}:{n} is not valid JSON ({exc})") from exc
-    if isinstance(value, str):
-        return str(n), value
-    if not isinstance(value, dict):
-        raise InvalidInputError(f"{path}:{n} must be a JSON object with a {column!r} key or a string")
-    return _row_id(value.get("id"), n), _field(value, column, path, n)
-
-
-def _field(row: dict[str, Any], column: str, path: Path, line: int) -> str:
-    """The text of a row; InvalidInputError naming its ``path:line`` when it is missing or not a string."""
-    if column not in row:
-        found = ", ".join(repr(key) for key in row if key) or "none"
-        hint = ", or save the CSV comma-separated" if path.suffix.lower() == ".csv" else ""
-        raise InvalidInputError(f"{path}:{line} has no {column!r} field (it has: {found}); name the text's field "
-                                f"with --text-column{hint}")
-    if not isinstance(row[column], str):
-        raise InvalidInputError(f"{path}:{line}: {column!r} holds no text")
-    return row[column]
