@@ -32,7 +32,7 @@ def test_classify_file_writes_one_redacted_record_per_text(
     source = tmp_path / "in.jsonl"
     rows = [{"id": "a", "text": "Net sales rose 5 %."}, {"id": "b", "text": PII_TEXT}, {"id": "c", "text": " "}]
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
-    out = tmp_path / "out.jsonl"
+    out = tmp_path / "new" / "out.jsonl"  # its folder is made, as every command's output folder
     code = main(["classify", "--profile", "tiny-mistral", "--input", str(source), "--output", str(out)])
     _, err = capfd.readouterr()
     assert code == 0
@@ -109,14 +109,15 @@ def test_a_bad_csv_or_an_empty_input_is_one_error_before_any_model_loads(
     assert list(read_texts(tmp_path / "odd.jsonl")) == [("x\\ud800", "a")]  # writable as UTF-8
     (tmp_path / "empty.txt").write_text("\n \n", encoding="utf-8")
     assert main(["classify", "--input", str(tmp_path / "empty.txt")]) == 2
-    assert main(["classify", "--output", str(tmp_path / "no" / "such" / "out.jsonl"), "Sales rose."]) == 2
+    assert main(["classify", "--output", str(tmp_path / "empty.txt" / "out.jsonl"), "Sales rose."]) == 2
     assert main(["classify", "--output", str(tmp_path), "Sales rose."]) == 2  # before the run, not after it
     assert main(["classify", "--input", str(tmp_path)]) == 2
     (tmp_path / "body.jsonl").write_text('{"body": "Sales rose."}\n', encoding="utf-8")
     assert main(["classify", "--input", str(tmp_path / "body.jsonl")]) == 2
     err = capfd.readouterr().err
-    assert "empty.txt holds no text to classify" in err and "the folder" in err and "does not exist" in err
-    assert "it is a folder; name a file" in err and "is a folder, not a file" in err
+    assert "empty.txt holds no text to classify" in err and "empty.txt is a file, so" in err
+    assert "is a folder, not a file: name a file with --output" in err  # the output folder
+    assert "is a folder, not a file: name a .txt" in err  # the input folder
     assert "body.jsonl:1 has no 'text' field" in err  # path:line, as every other input error
     assert "name the text's field with --text-column" in err and "save the CSV" not in err  # a JSONL file
     assert "Traceback" not in err

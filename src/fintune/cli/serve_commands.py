@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, TextIO
 import typer
 from tqdm import tqdm
 
-from fintune.cli._app import ProfileOption, app, console, err_console
+from fintune.cli._app import ProfileOption, app, console, err_console, output_file
 from fintune.cli.inputs import read_texts
 from fintune.config import Settings, load_settings
 from fintune.errors import IncompleteRunError, InvalidInputError, ServingError
@@ -160,13 +160,13 @@ def classify_command(
     rows = [("1", text)] if text is not None else list(read_texts(input_file, text_column))  # type: ignore[arg-type]
     if not rows:
         raise InvalidInputError(f"{input_file} holds no text to classify")
-    if output is not None and not output.parent.is_dir():
-        raise InvalidInputError(f"cannot write {output}: the folder {output.parent} does not exist")
-    if output is not None and output.is_dir():
-        raise InvalidInputError(f"cannot write {output}: it is a folder; name a file, such as {output / 'out.jsonl'}")
+    if output is not None:  # checked before the run, as every command's output; its folder is made
+        output_file(output)
     _warn_if_untrained(settings)
     errors: Counter[str] = Counter()
     part = output.with_name(output.name + ".part") if output else None  # renamed to output once complete
+    if part is not None:
+        part.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         chunks = _record_chunks([t for _, t in rows], settings, engine, stack)
         sink: TextIO = stack.enter_context(part.open("w", encoding="utf-8")) if part else sys.stdout
