@@ -86,8 +86,7 @@ def create_app(
     _add_error_handlers(app)
     _publish_limits(app, settings)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes)
-    # added last: outermost, so even a 413 carries the id; an id the guard finds PII in is replaced
-    app.add_middleware(RequestIdMiddleware, holds_pii=services.holds_pii)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so even a 413 carries the id
     return app
 
 

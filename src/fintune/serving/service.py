@@ -152,10 +152,6 @@ class Services:
         slot.recovery.add_drift_hook(DriftWebhook(m.drift_webhook_url.get_secret_value(), m.drift_webhook_timeout_s,
                                                   service))
 
-    def holds_pii(self, text: str) -> bool:
-        """Whether the guard finds PII in ``text`` (a client's request id); True before the guard is loaded."""
-        return self.guard is None or bool(self.guard.detect(text))
-
     def current_monitor(self) -> SystemMonitor:
         """The monitor, told the breaker's state as it is now (a shared breaker may have been moved by another
         process, whose transitions this process's listeners never hear)."""
