@@ -258,6 +258,10 @@ def test_a_body_without_a_content_type_is_told_to_name_one(client: TestClient) -
     response = client.post("/v1/classify", content=b'{"text": "Sales rose."}')
     assert response.status_code == 415
     assert response.json()["error"]["message"].startswith("the request has no Content-Type header")
+    for header, shown in ((";charset=utf-8", "another media type"), ("text/x+json", "'text/x+json'")):
+        response = client.post("/v1/classify", content=b'{"text": "ok"}', headers={"content-type": header})
+        assert response.status_code == 415, response.text  # FastAPI reads only application/*+json as JSON
+        assert response.json()["error"]["message"].endswith(f"(got {shown})")
     empty = client.post("/v1/classify", content=b"")
     assert empty.status_code == 422 and empty.json()["error"]["message"] == "body: Field required"
 
@@ -360,7 +364,8 @@ def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PII
         # the key is judged before the body, though FastAPI parses the body first
         bad_bodies = [client.post("/v1/classify", content=b'{"text": ', headers=json_headers),
                       client.post("/v1/classify", json={"txt": "typo"}),
-                      client.post("/v1/analyze", content=b'{"text": "\xff"}', headers=json_headers)]
+                      client.post("/v1/analyze", content=b'{"text": "\xff"}', headers=json_headers),
+                      client.post("/v1/classify", content=b'{"text": "ok"}')]  # no Content-Type: 401, not 415
         keyed_bad = client.post("/v1/classify", json={"txt": "typo"}, headers={"X-API-Key": "s3cret-key"})
     assert (missing.status_code, wrong.status_code) == (401, 401)
     assert "missing API key" in missing.json()["error"]["message"]
@@ -369,7 +374,7 @@ def test_api_key_guards_v1_but_not_health(serving_settings: Settings, guard: PII
     assert (header.status_code, bearer.status_code) == (200, 200)
     assert health == [200, 200]
     assert [p.status_code for p in probes] == [200, 200] and all(p.content == b"" for p in probes)
-    assert [r.status_code for r in bad_bodies] == [401, 401, 401] and keyed_bad.status_code == 422
+    assert [r.status_code for r in bad_bodies] == [401, 401, 401, 401] and keyed_bad.status_code == 422
 
 
 def test_a_non_ascii_api_key_is_accepted_as_its_utf8_bytes(serving_settings: Settings, guard: PIIGuard) -> None:

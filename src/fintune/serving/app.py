@@ -215,13 +215,14 @@ async def _unsupported_media_type(request: Request) -> str | None:
     FastAPI reads a body of another media type, or one sent with no Content-Type at all (its strict default,
     which keeps a browser's form or ``fetch`` from posting JSON across origins), as no JSON and reports "Input
     should be a valid dictionary", which names neither the header nor the fix."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not media_type:
+    header = request.headers.get("content-type", "")
+    media_type = header.split(";")[0].strip().lower()
+    if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
+        return None  # what FastAPI parses as JSON
+    if not header:
         if not await request.body():  # no body at all: the missing fields say it
             return None
         return "the request has no Content-Type header: send the body as JSON with Content-Type: application/json"
-    if media_type == "application/json" or media_type.endswith("+json"):
-        return None
     return f"send the body as JSON with Content-Type: application/json (got {_shown(media_type)})"
 
 
