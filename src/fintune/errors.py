@@ -100,4 +100,4 @@ class IncompleteRunError(FinTuneError):
 
 
 class GuardrailError(FinTuneError):
-    """The PII guardrails cannot run (spaCy model not installed, unknown entity type, unreadable input)."""
+    """The PII guardrails cannot run (spaCy model not installed, unknown entity type) or have nothing to read."""

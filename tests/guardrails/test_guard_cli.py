@@ -60,6 +60,27 @@ def test_guard_names_the_line_that_is_not_utf8(tmp_path: Path, capsys: pytest.Ca
     assert "latin1.jsonl:2 is not UTF-8" in err and "536-22-8145" not in err
 
 
+def test_guard_jsonl_errors_name_the_line_never_pii(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "keys.jsonl"
+    source.write_text('{"536-22-8145": "x", "body": "y"}\n', encoding="utf-8")  # a key is content too
+    assert main(["guard", "--jsonl", str(source)]) == 2
+    err = capsys.readouterr().err
+    assert "keys.jsonl:1 has no 'text' field (it has: <a field not shown>, 'body')" in err and "536" not in err
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
+    assert main(["guard", "--jsonl", str(deep)]) == 2
+    assert "deep.jsonl:1 is nested too deeply" in capsys.readouterr().err
+
+
+def test_guard_jsonl_takes_the_text_column_its_error_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "bodies.jsonl"
+    source.write_text('{"body": "call 201.555.0123"}\n', encoding="utf-8")
+    assert main(["guard", "--jsonl", str(source)]) == 2
+    assert "with --text-column" in capsys.readouterr().err
+    assert main(["guard", "--jsonl", str(source), "--text-column", "body"]) == 0
+    assert json.loads(capsys.readouterr().out)["redacted_text"] == "call <PHONE_NUMBER>"
+
+
 def test_guard_needs_exactly_one_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["guard"]) == 2
     assert "exactly one" in capsys.readouterr().err

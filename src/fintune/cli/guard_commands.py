@@ -47,13 +47,14 @@ def guard_command(
         Path | None, typer.Option("--jsonl", help="UTF-8 file with one JSON object per line holding a 'text' field "
                      "(or one JSON string per line).")
     ] = None,
+    text_column: Annotated[str, typer.Option(help="Key holding the text in --jsonl objects.")] = "text",
     profile: ProfileOption = None,
 ) -> None:
     """Mask PII and print one GuardrailResult as JSON per input (one line per --jsonl line, in order)."""
     if (text is None) == (jsonl is None):
         raise GuardrailError("give either TEXT or --jsonl FILE (exactly one of them)")
     # a bad file fails before the slow guard load, read as `fintune classify --input` reads a .jsonl
-    texts = None if jsonl is None else [line_text for _, line_text in read_jsonl(jsonl)]
+    texts = None if jsonl is None else [line_text for _, line_text in read_jsonl(jsonl, text_column)]
     if texts == []:
         raise GuardrailError(f"{jsonl} holds no text to guard")
     guard = _guard(load_settings(profile))

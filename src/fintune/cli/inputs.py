@@ -12,11 +12,16 @@ import csv
 import io
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fintune.errors import InvalidInputError
+
+_KEY = re.compile(r"[\w ;,.\-]{1,40}")
+"""A field name quoted back in an error: short, and no '@' (an e-mail); with at most four digits as well. A CSV
+without its header row names its fields after the first row's texts, which may hold PII."""
 
 
 def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
@@ -101,6 +106,8 @@ def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
         value = json.loads(line)
     except ValueError as exc:
         raise InvalidInputError(f"{path}:{n} is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise InvalidInputError(f"{path}:{n} is nested too deeply to read as JSON") from None
     if isinstance(value, str):
         return str(n), value
     if not isinstance(value, dict):
@@ -111,10 +118,16 @@ def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
 def _field(row: dict[str, Any], column: str, path: Path, line: int) -> str:
     """The text of a row; InvalidInputError naming its ``path:line`` when it is missing or not a string."""
     if column not in row:
-        found = ", ".join(repr(key) for key in row if key) or "none"
+        found = ", ".join(_shown_key(key) for key in row if key) or "none"
         hint = ", or save the CSV comma-separated" if path.suffix.lower() == ".csv" else ""
         raise InvalidInputError(f"{path}:{line} has no {column!r} field (it has: {found}); name the text's field "
                                 f"with --text-column{hint}")
     if not isinstance(row[column], str):
         raise InvalidInputError(f"{path}:{line}: {column!r} holds no text")
     return row[column]
+
+
+def _shown_key(key: object) -> str:
+    """A row's field name as an error quotes it, or a placeholder when it could hold PII."""
+    text = str(key)
+    return repr(text) if _KEY.fullmatch(text) and sum(c.isdigit() for c in text) <= 4 else "<a field not shown>"
