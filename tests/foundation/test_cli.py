@@ -144,8 +144,9 @@ def test_settings_shows_profiles_and_env_overrides(capfd: pytest.CaptureFixture[
     ({}, ["lora-report", "--profile", "tiny-mistral", "--output", "DIR"], "is a folder, not a file"),
     ({}, ["guard-eval", "--output", "DIR"], "is a folder, not a file"),
     ({}, ["lora-report", "--profile", "tiny-mistral", "--output", "FILE/report.json"], "cannot be written"),
+    ({}, ["classify", "--output", "/proc/fintune-none/out.jsonl", "Sales rose."], "cannot make the folder"),
 ], ids=["no baselines", "split too small", "min_df too high", "output is a file", "train into a file",
-        "report into a folder", "guard-eval into a folder", "report under a file"])
+        "report into a folder", "guard-eval into a folder", "report under a file", "folder that cannot be made"])
 def test_bad_settings_and_paths_are_one_error_line(
     capfd: pytest.CaptureFixture[str], tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     env: dict[str, str], args: list[str], expected: str,

@@ -55,10 +55,16 @@ def output_folder(path: Path, option: str = "--output-dir") -> Path:
 
 
 def output_file(path: Path, option: str = "--output") -> Path:
-    """``path`` as a file to write; ArtifactError before any work when it is a folder, or a folder above it a file."""
+    """``path`` as a file to write, its folder made; ArtifactError before any work when it is a folder, a folder
+    above it a file, or its folder cannot be made (no permission, a read-only disk)."""
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder, not a file: name a file with {option}")
     _check_parents(path, option)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot make the folder {path.parent} for {path} ({exc.strerror or exc}): choose "
+                            f"another {option}") from None
     return path
 
 

@@ -160,13 +160,11 @@ def classify_command(
     rows = [("1", text)] if text is not None else list(read_texts(input_file, text_column))  # type: ignore[arg-type]
     if not rows:
         raise InvalidInputError(f"{input_file} holds no text to classify")
-    if output is not None:  # checked before the run, as every command's output; its folder is made
+    if output is not None:  # checked, and its folder made, before the run, as every command's output
         output_file(output)
     _warn_if_untrained(settings)
     errors: Counter[str] = Counter()
     part = output.with_name(output.name + ".part") if output else None  # renamed to output once complete
-    if part is not None:
-        part.parent.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         chunks = _record_chunks([t for _, t in rows], settings, engine, stack)
         sink: TextIO = stack.enter_context(part.open("w", encoding="utf-8")) if part else sys.stdout
