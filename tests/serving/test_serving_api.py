@@ -21,6 +21,7 @@ from fintune.config import Settings
 from fintune.guardrails import PIIGuard
 from fintune.monitoring import SystemMonitor
 from fintune.serving import create_app
+from fintune.serving import service as service_module
 from fintune.serving.model_adapter import Prediction
 
 
@@ -340,6 +341,28 @@ def test_an_unexpected_error_is_a_500_the_monitor_counts(serving_settings: Setti
         snapshot = test_client.get("/metrics/json").json()
     assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
     assert snapshot["errors"]["by_type"] == {"internal_error": 1}
+
+
+@pytest.mark.parametrize(("path", "body", "builder"), [
+    ("/v1/classify", {"text": "Net sales rose."}, "classification"),
+    ("/v1/classify/batch", {"texts": ["Net sales rose.", "Profit fell."]}, "batch_item"),
+    ("/v1/analyze", {"text": "Net sales rose. Profit fell."}, "sentence_result"),
+])
+def test_an_error_building_the_answer_is_counted_once_not_as_successes_too(
+    serving_settings: Settings, guard: PIIGuard, monkeypatch: pytest.MonkeyPatch, path: str, body: dict, builder: str
+) -> None:
+    def broken(*args: object) -> dict:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(service_module, builder, broken)
+    app = create_app(serving_settings, classifier=KeywordClassifier(), guard=guard,
+                     monitor=SystemMonitor(serving_settings.monitoring))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        wait_ready(test_client)
+        response = test_client.post(path, json=body)
+        snapshot = test_client.get("/metrics/json").json()
+    assert response.status_code == 500
+    assert snapshot["requests"]["total"] == 1 and snapshot["errors"]["by_type"] == {"internal_error": 1}
 
 
 def test_an_unknown_field_is_not_quoted_back_it_may_be_pii(client: TestClient) -> None:

@@ -186,10 +186,12 @@ class Services:
         pipeline.validate(text)
         outcome = (await self._submit([text], started))[0]
         latency = time.perf_counter() - started
-        pipeline.record(outcome, latency)
         if outcome.error is not None:
+            pipeline.record(outcome, latency)
             raise ItemFailedError(outcome.error)
-        return {**classification(outcome), "latency_ms": round(latency * 1000, 3)}
+        answer = {**classification(outcome), "latency_ms": round(latency * 1000, 3)}
+        pipeline.record(outcome, latency)  # last: an error building the answer is then counted once, as a 500
+        return answer
 
     async def classify_batch(self, texts: Sequence[object]) -> dict[str, Any]:
         """Several texts: one entry per text in order; bad texts, and entries that are not strings, get their own
@@ -209,15 +211,16 @@ class Services:
         processed = iter(await self._submit(valid, started) if valid else [])
         outcomes = [ItemOutcome(error=e) if e is not None else next(processed) for e in errors]
         latency = time.perf_counter() - started
-        for outcome in outcomes:
-            pipeline.record(outcome, latency)
-        _raise_if_all_unavailable(outcomes)
-        return {
+        answer = {
             "results": [batch_item(i, o) for i, o in enumerate(outcomes)],
             "errors": sum(o.error is not None for o in outcomes),
             "degraded": sum(o.degraded and o.error is None for o in outcomes),
             "latency_ms": round(latency * 1000, 3),
         }
+        for outcome in outcomes:  # last: an error building the answer is then counted once, as a 500
+            pipeline.record(outcome, latency)
+        _raise_if_all_unavailable(outcomes)
+        return answer
 
     async def analyze(self, document: str) -> dict[str, Any]:
         """A document: per-sentence results (redacted), the sentences that failed and why, and the aggregate."""
@@ -240,19 +243,20 @@ class Services:
                     for outcome, types in zip(outcomes, documents.masks_in_pieces(masked, sentences, masks),
                                               strict=True)]
         latency = time.perf_counter() - started
-        for outcome in outcomes:
-            pipeline.record(outcome, latency)
         failed = [{"index": i, "error": error_info(o.error)} for i, o in enumerate(outcomes) if o.error is not None]
-        if len(failed) == len(outcomes):  # nothing to aggregate: the request fails with the first reason
-            assert outcomes[0].error is not None
-            raise ItemFailedError(outcomes[0].error)
         results = [sentence_result(i, o, cut[i]) for i, o in enumerate(outcomes) if o.error is None]
-        return {
+        answer = {
             "aggregate": documents.aggregate(results),
             "results": results,
             "failed": failed,
             "latency_ms": round(latency * 1000, 3),
         }
+        for outcome in outcomes:  # last: an error building the answer is then counted once, as a 500
+            pipeline.record(outcome, latency)
+        if not results:  # nothing to aggregate: the request fails with the first reason
+            assert outcomes[0].error is not None
+            raise ItemFailedError(outcomes[0].error)
+        return answer
 
 
 async def in_daemon_thread(fn: Callable[[], None], name: str) -> None:
