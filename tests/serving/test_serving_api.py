@@ -205,7 +205,8 @@ def test_bad_input_is_a_clear_4xx_and_the_service_stays_healthy(
 
 
 @pytest.mark.parametrize("client_id", ["536-22-8145", "4111111111111111", "212-555-0198", "req_536-22-8145",
-                                       "req-212-555-0198", "card_4111111111111111", "acct-12345"])
+                                       "req-212-555-0198", "card_4111111111111111", "acct-12345",
+                                       "41111111111111110000000000000000", "53622814-5000-0000-0000-411111111111"])
 def test_a_request_id_holding_pii_is_replaced_not_echoed(client: TestClient, client_id: str) -> None:
     response = client.post("/v1/classify", json={"text": "Net sales rose."}, headers={"X-Request-ID": client_id})
     assert response.status_code == 200

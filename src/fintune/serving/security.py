@@ -192,9 +192,10 @@ def _client_id(scope: Scope) -> str | None:
 
 
 def _is_uuid(text: str) -> bool:
-    """Whether ``text`` is a UUID, hyphenated or as 32 hex digits: an id a generator made, echoed whatever its
-    digits (a random one often holds runs of five and more)."""
-    return _UUID.fullmatch(text) is not None
+    """Whether ``text`` is a UUID, hyphenated or as 32 hex digits, with a letter among them: an id a generator
+    made, echoed whatever its digits (a random one often holds runs of five and more). A UUID of digits only, which
+    a generator all but never makes (about once in three million), could be a card number in a UUID's shape."""
+    return _UUID.fullmatch(text) is not None and any(c.isalpha() for c in text)
 
 
 def _few_digits(text: str) -> bool:
