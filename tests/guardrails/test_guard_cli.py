@@ -66,6 +66,11 @@ def test_guard_jsonl_errors_name_the_line_never_pii(tmp_path: Path, capsys: pyte
     assert main(["guard", "--jsonl", str(source)]) == 2
     err = capsys.readouterr().err
     assert "keys.jsonl:1 has no 'text' field (it has: <a field not shown>, 'body')" in err and "536" not in err
+    split = tmp_path / "split.jsonl"  # an SSN cut across keys is not shown piece by piece
+    split.write_text('{"536": 1, "22": 2, "8145": 3, "body": "y"}\n', encoding="utf-8")
+    assert main(["guard", "--jsonl", str(split)]) == 2
+    err = capsys.readouterr().err
+    assert "(it has: '536', <a field not shown>, <a field not shown>, 'body')" in err and "8145" not in err
     deep = tmp_path / "deep.jsonl"
     deep.write_text("[" * 100_000 + "]" * 100_000 + "\n", encoding="utf-8")
     assert main(["guard", "--jsonl", str(deep)]) == 2
@@ -86,9 +91,12 @@ def test_guard_needs_exactly_one_input(capsys: pytest.CaptureFixture[str]) -> No
     assert "exactly one" in capsys.readouterr().err
 
 
-def test_guard_eval_refuses_an_unknown_subset_before_measuring(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["guard-eval", "--subset", "55agree"]) == 2
+def test_guard_eval_refuses_an_unknown_subset_before_measuring(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["guard-eval", "--subset", "55agree", "--output", str(tmp_path / "new" / "eval.json")]) == 2
     assert "unknown subset '55agree'" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # no folder made for a run that never started
 
 
 def test_guard_eval_writes_figures_with_provenance(

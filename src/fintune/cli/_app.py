@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -56,7 +57,7 @@ def output_folder(path: Path, option: str = "--output-dir") -> Path:
 
 def output_file(path: Path, option: str = "--output") -> Path:
     """``path`` as a file to write, its folder made; ArtifactError before any work when it is a folder, a folder
-    above it a file, or its folder cannot be made (no permission, a read-only disk)."""
+    above it a file, or its folder cannot be made or written (no permission)."""
     if path.is_dir():
         raise ArtifactError(f"{path} is a folder, not a file: name a file with {option}")
     _check_parents(path, option)
@@ -65,6 +66,8 @@ def output_file(path: Path, option: str = "--output") -> Path:
     except OSError as exc:
         raise ArtifactError(f"cannot make the folder {path.parent} for {path} ({exc.strerror or exc}): choose "
                             f"another {option}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ArtifactError(f"cannot write {path}: {path.parent} is not writable; choose another {option}")
     return path
 
 

@@ -44,8 +44,8 @@ def _guard(settings: Settings) -> PIIGuard:
 def guard_command(
     text: Annotated[str | None, typer.Argument(help="Text to guard; omit it when using --jsonl.")] = None,
     jsonl: Annotated[
-        Path | None, typer.Option("--jsonl", help="UTF-8 file with one JSON object per line holding a 'text' field "
-                     "(or one JSON string per line).")
+        Path | None, typer.Option("--jsonl", help="UTF-8 file with one JSON object per line holding the text under "
+                     "'text' (or --text-column), or one JSON string per line.")
     ] = None,
     text_column: Annotated[str, typer.Option(help="Key holding the text in --jsonl objects.")] = "text",
     profile: ProfileOption = None,
@@ -88,9 +88,9 @@ def guard_eval_command(
     from fintune.guardrails import evaluation as guard_eval
 
     settings = load_settings(profile)
-    target = output_file(output or settings.output_dir / "guardrails" / "guard_eval.json")
-    # a typo is a usage error, not a report without its clean-sentence figures
+    # a typo is a usage error, not a report without its clean-sentence figures (and no folder made for it)
     subset = check_subset(settings.data.subset if subset is None else subset)
+    target = output_file(output or settings.output_dir / "guardrails" / "guard_eval.json")
     config = settings.guardrails
     guard = _guard(settings)
     report: dict[str, Any] = {

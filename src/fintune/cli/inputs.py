@@ -20,8 +20,10 @@ from typing import Any
 from fintune.errors import InvalidInputError
 
 _KEY = re.compile(r"[\w ;,.\-]{1,40}")
-"""A field name quoted back in an error: short, and no '@' (an e-mail); with at most four digits as well. A CSV
-without its header row names its fields after the first row's texts, which may hold PII."""
+"""A field name quoted back in an error: short, and no '@' (an e-mail). A CSV without its header row names its
+fields after the first row's texts, which may hold PII."""
+_MAX_KEY_DIGITS = 4
+"""Digits an error may quote across a row's field names: fewer than any number the guard masks has."""
 
 
 def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
@@ -118,7 +120,7 @@ def _jsonl_row(line: str, column: str, path: Path, n: int) -> tuple[str, str]:
 def _field(row: dict[str, Any], column: str, path: Path, line: int) -> str:
     """The text of a row; InvalidInputError naming its ``path:line`` when it is missing or not a string."""
     if column not in row:
-        found = ", ".join(_shown_key(key) for key in row if key) or "none"
+        found = ", ".join(_shown_keys([str(key) for key in row if key])) or "none"
         hint = ", or save the CSV comma-separated" if path.suffix.lower() == ".csv" else ""
         raise InvalidInputError(f"{path}:{line} has no {column!r} field (it has: {found}); name the text's field "
                                 f"with --text-column{hint}")
@@ -127,7 +129,16 @@ def _field(row: dict[str, Any], column: str, path: Path, line: int) -> str:
     return row[column]
 
 
-def _shown_key(key: object) -> str:
-    """A row's field name as an error quotes it, or a placeholder when it could hold PII."""
-    text = str(key)
-    return repr(text) if _KEY.fullmatch(text) and sum(c.isdigit() for c in text) <= 4 else "<a field not shown>"
+def _shown_keys(keys: list[str]) -> list[str]:
+    """A row's field names as an error quotes them, a placeholder for each that could hold PII: a name that is
+    not short plain text, or whose digits, with those of the names shown before it, would pass four (a number
+    split across a headerless CSV's fields, 536,22,8145, is not shown piece by piece)."""
+    shown, digits = [], 0
+    for key in keys:
+        more = sum(c.isdigit() for c in key)
+        if _KEY.fullmatch(key) and digits + more <= _MAX_KEY_DIGITS:
+            shown.append(repr(key))
+            digits += more
+        else:
+            shown.append("<a field not shown>")
+    return shown
