@@ -37,10 +37,10 @@ TRAIN_FLAGS ?= --skip-if-trained
 
 run: install ## The main job: data check, baselines, fine-tune (once), evaluate, then serve
 	$(BIN)/fintune data --profile $(PROFILE)
-	$(BIN)/fintune baselines --profile $(PROFILE) --subset $(SUBSET)
-	$(if $(TEACH),$(BIN)/fintune train --profile cpu --subset $(SUBSET) --output-dir $(TEACHER) $(TRAIN_FLAGS))
-	$(BIN)/fintune train --profile $(PROFILE) --subset $(SUBSET) --output-dir $(MODEL) $(TRAIN_FLAGS) $(TEACH)
-	$(BIN)/fintune evaluate --profile $(PROFILE) --model $(MODEL) --subset $(SUBSET)
+	$(BIN)/fintune baselines --profile $(PROFILE) --subset "$(SUBSET)"
+	$(if $(TEACH),$(BIN)/fintune train --profile cpu --subset "$(SUBSET)" --output-dir $(TEACHER) $(TRAIN_FLAGS))
+	$(BIN)/fintune train --profile $(PROFILE) --subset "$(SUBSET)" --output-dir $(MODEL) $(TRAIN_FLAGS) $(TEACH)
+	$(BIN)/fintune evaluate --profile $(PROFILE) --model $(MODEL) --subset "$(SUBSET)"
 	FINTUNE_DATA__SUBSET=$(SUBSET) $(BIN)/fintune serve --profile $(PROFILE) --model $(MODEL)
 
 test: install ## The whole test suite
