@@ -13,6 +13,7 @@ Shutdown is graceful: uvicorn stops accepting connections and waits for in-fligh
 
 from __future__ import annotations
 
+import email.message
 import logging
 import re
 import time
@@ -216,14 +217,23 @@ async def _unsupported_media_type(request: Request) -> str | None:
     which keeps a browser's form or ``fetch`` from posting JSON across origins), as no JSON and reports "Input
     should be a valid dictionary", which names neither the header nor the fix."""
     header = request.headers.get("content-type", "")
+    if header and _parsed_as_json(header):
+        return None
     media_type = header.split(";")[0].strip().lower()
-    if media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json")):
-        return None  # what FastAPI parses as JSON
     if not header:
         if not await request.body():  # no body at all: the missing fields say it
             return None
         return "the request has no Content-Type header: send the body as JSON with Content-Type: application/json"
     return f"send the body as JSON with Content-Type: application/json (got {_shown(media_type)})"
+
+
+def _parsed_as_json(content_type: str) -> bool:
+    """Whether FastAPI reads a body of this Content-Type as JSON: application/json or application/*+json, parsed
+    as FastAPI parses it (``email.message``), so that the two never disagree."""
+    message = email.message.Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 _MEDIA_TYPE = re.compile(r"[a-z]+/[a-z.+-]{1,60}")  # no digits, no @: a header can carry anything, PII too
