@@ -217,13 +217,13 @@ async def _unsupported_media_type(request: Request) -> str | None:
     which keeps a browser's form or ``fetch`` from posting JSON across origins), as no JSON and reports "Input
     should be a valid dictionary", which names neither the header nor the fix."""
     header = request.headers.get("content-type", "")
-    if header and _parsed_as_json(header):
-        return None
-    media_type = header.split(";")[0].strip().lower()
     if not header:
         if not await request.body():  # no body at all: the missing fields say it
             return None
         return "the request has no Content-Type header: send the body as JSON with Content-Type: application/json"
+    if _parsed_as_json(header):
+        return None
+    media_type = header.split(";")[0].strip().lower()
     return f"send the body as JSON with Content-Type: application/json (got {_shown(media_type)})"
 
 

@@ -9,7 +9,7 @@
   a UUID or a short safe token of at most four digits, else a new UUID), returns it in the ``X-Request-ID``
   header and keeps it in ``request.state.request_id`` for the bodies. The id is echoed in every response and
   written into the logs, so an id that could hold a number the guard masks (an SSN, a card, phone or account
-  number: five digits or more) is replaced, not echoed. A digit count, not the guard: its recognizers read
+  number: the shortest has six digits) is replaced, not echoed. A digit count, not the guard: its recognizers read
   prose and miss a number glued to a token (``req_536-22-8145``), and it would run on the event loop.
 """
 
@@ -29,8 +29,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_ID_DIGITS = 4
-"""A client id other than a UUID with more digits is replaced: every number the guard masks as PII (phone, SSN,
-card, account, routing number) has at least five."""
+"""A client id other than a UUID with more digits is replaced: the shortest number the guard masks (an account or
+routing number, ``guardrails.recognizers.EVIDENCE``) has six. Counted here, not with the guard's
+``count_digits``: this module must not import Presidio (cli/inputs.py keeps the same limit for the same reason)."""
 _UUID = re.compile(r"[0-9a-fA-F]{32}|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
