@@ -67,6 +67,38 @@ def test_baseline_errors_say_what_to_do(tmp_path) -> None:
         save_drift_baseline(tmp_path, ["bullish"], LABELS)
 
 
+@pytest.mark.parametrize(
+    ("labels", "counts", "message"),
+    [
+        (list(LABELS), {"negative": -1, "neutral": 5, "positive": 5}, "not negative"),  # was a math domain error
+        (list(LABELS), {"negative": 0, "neutral": 0, "positive": 0}, "not all zero"),  # was a ZeroDivisionError
+        (list(LABELS), {"negative": 1e400, "neutral": 5, "positive": 5}, "whole number"),  # JSON's inf
+        (list(LABELS), {"negative": 1.5, "neutral": 5, "positive": 5}, "whole number"),
+        (["neutral", "neutral"], {"neutral": 3}, "distinct"),
+        ([], {}, "at least one"),
+        ("negative", {}, "must be a list"),
+        (["bearish", "bullish"], {"bearish": 5, "bullish": 5}, "the model predicts"),  # drift never judged
+        (["negative", "positive"], {"negative": 5, "positive": 5}, "the model predicts"),
+    ],
+)
+def test_a_baseline_that_could_not_be_judged_against_is_refused(tmp_path, labels, counts, message) -> None:
+    (tmp_path / BASELINE_FILENAME).write_text(json.dumps({"labels": labels, "counts": counts}))
+    with pytest.raises(ArtifactError, match=message) as caught:
+        load_drift_baseline(tmp_path)
+    assert "retrain" in str(caught.value) and str(tmp_path) in str(caught.value)
+
+
+def test_a_baseline_written_with_float_counts_still_loads(tmp_path) -> None:
+    counts = {"negative": 1.0, "neutral": 6.0, "positive": 3.0}
+    (tmp_path / BASELINE_FILENAME).write_text(json.dumps({"labels": list(LABELS), "counts": counts}))
+    assert load_drift_baseline(tmp_path).counts == (1, 6, 3)
+
+
+def test_an_impossible_baseline_cannot_be_built_in_code_either() -> None:
+    with pytest.raises(ArtifactError, match="3 counts for 2 labels"):
+        DriftBaseline(("negative", "positive"), (1, 2, 3))
+
+
 def test_no_verdict_before_the_minimum_window() -> None:
     detector = DriftDetector(BASELINE, MonitoringSettings())
     fired = [detector.update("negative") for _ in range(99)]

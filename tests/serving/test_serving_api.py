@@ -645,6 +645,27 @@ def test_the_latency_spike_baseline_is_learned_from_model_answers_only(
     assert pipeline.describe()["latency_baseline_p95_s"] == pytest.approx(0.2)  # not 0.001
 
 
+def test_an_unusable_drift_baseline_turns_drift_off_with_a_warning_and_requests_are_answered(
+    serving_settings: Settings, guard: PIIGuard, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fintune.monitoring import BASELINE_FILENAME
+    from fintune.serving.model_adapter import model_dir
+
+    folder = model_dir(serving_settings)
+    folder.mkdir(parents=True, exist_ok=True)  # a negative count used to make every request past the 5th a 500
+    counts = {"negative": -1, "neutral": 5, "positive": 5}
+    (folder / BASELINE_FILENAME).write_text(json.dumps({"labels": ["negative", "neutral", "positive"],
+                                                        "counts": counts}))
+    monitoring = serving_settings.monitoring.model_copy(update={"drift_min_samples": 5, "drift_window": 5})
+    with make_client(serving_settings.model_copy(update={"monitoring": monitoring}), guard) as client:
+        wait_ready(client)
+        codes = {client.post("/v1/classify", json={"text": "Net sales rose."}).status_code for _ in range(10)}
+        drift = client.get("/metrics/json").json()["drift"]
+    assert codes == {200} and drift["state"] == "no_baseline"
+    warned = [r for r in caplog.records if "drift detection is off" in r.getMessage()]
+    assert warned and warned[0].levelname == "WARNING" and "not negative" in warned[0].getMessage()
+
+
 def test_drift_reaches_the_webhook_with_numbers_only(serving_settings: Settings, guard: PIIGuard) -> None:
     import http.server
     import threading

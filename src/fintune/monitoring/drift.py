@@ -38,6 +38,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fintune import LABELS
 from fintune.config import MonitoringSettings
 from fintune.errors import ArtifactError
 
@@ -102,6 +103,21 @@ class DriftBaseline:
     source: str = ""
     created_at: str = ""
 
+    def __post_init__(self) -> None:
+        """ArtifactError unless the labels are distinct names and the counts whole, non-negative and not all
+        zero: any other baseline would fail every drift judgement (a log of a negative or a zero probability)."""
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            raise ArtifactError(f"drift baseline: labels must be distinct and at least one, not {list(self.labels)}")
+        if not all(isinstance(label, str) for label in self.labels):
+            raise ArtifactError(f"drift baseline: labels must be strings, not {list(self.labels)}")
+        if len(self.counts) != len(self.labels):
+            raise ArtifactError(f"drift baseline: {len(self.counts)} counts for {len(self.labels)} labels")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in self.counts) or not sum(self.counts):
+            raise ArtifactError(
+                f"drift baseline: counts must be whole numbers of predictions, not negative and not all zero, "
+                f"not {list(self.counts)}"
+            )
+
     @classmethod
     def from_predictions(
         cls, predictions: Iterable[str], labels: Sequence[str], source: str = ""
@@ -149,22 +165,43 @@ def save_drift_baseline(
     return path
 
 
-def load_drift_baseline(path: str | Path) -> DriftBaseline:
-    """Read a baseline from a model folder or a ``drift_baseline.json`` path."""
+def load_drift_baseline(path: str | Path, labels: Sequence[str] = LABELS) -> DriftBaseline:
+    """Read a baseline from a model folder or a ``drift_baseline.json`` path; ArtifactError when it is missing,
+    unreadable, holds impossible counts, or counts other labels than ``labels`` (the model's)."""
     path = Path(path)
     if path.is_dir():
         path = path / BASELINE_FILENAME
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        labels = tuple(data["labels"])
-        counts = tuple(int(data["counts"][label]) for label in labels)
+        if not isinstance(data["labels"], list):
+            raise TypeError(f"labels must be a list, not {data['labels']!r}")
+        found = tuple(data["labels"])
+        counts = tuple(_whole(data["counts"][label]) for label in found)
+        baseline = DriftBaseline(found, counts, str(data.get("source", "")), str(data.get("created_at", "")))
     except FileNotFoundError as exc:
         raise ArtifactError(
             f"no drift baseline at {path}: train the model (it writes {BASELINE_FILENAME} next to it)"
         ) from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ArtifactError(f"drift baseline {path} is unreadable ({exc}); retrain to rewrite it") from exc
-    return DriftBaseline(labels, counts, data.get("source", ""), data.get("created_at", ""))
+    except ArtifactError as exc:
+        reason = str(exc).removeprefix("drift baseline: ")
+        raise ArtifactError(f"drift baseline {path} is unusable: {reason}; retrain to rewrite it") from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ArtifactError(f"drift baseline {path} is unreadable ({exc!r}); retrain to rewrite it") from exc
+    if set(baseline.labels) != set(labels):
+        raise ArtifactError(
+            f"drift baseline {path} counts the labels {list(baseline.labels)}, but the model predicts "
+            f"{list(labels)}: drift could never be judged; retrain to rewrite it"
+        )
+    return baseline
+
+
+def _whole(value: Any) -> int:
+    """A count from the file: an int, or a float with no fraction (JSON writers may add ``.0``)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"a count must be a whole number, not {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from fintune.config import Settings
 from fintune.errors import ArtifactError, FinTuneError, InvalidInputError, ServiceOverloadedError
-from fintune.monitoring import SystemMonitor, load_drift_baseline
+from fintune.monitoring import BASELINE_FILENAME, SystemMonitor, load_drift_baseline
 from fintune.reliability import CircuitBreaker, backoff_delay
 from fintune.serving import documents
 from fintune.serving.batching import MicroBatcher
@@ -134,10 +134,12 @@ class Services:
         if slot.recovery is not None:
             self.monitor.on_drift(slot.recovery.handle_drift)
             self._add_drift_webhook(slot)
+            folder = model_dir(self.settings)
             try:
-                self.monitor.set_drift_baseline(load_drift_baseline(model_dir(self.settings)))
-            except (FinTuneError, OSError, ValueError) as exc:
-                logger.info("no drift baseline (%s): drift detection is off", exc)
+                self.monitor.set_drift_baseline(load_drift_baseline(folder))
+            except (FinTuneError, OSError, ValueError) as exc:  # a file that is there but unusable is a warning
+                level = logging.WARNING if (folder / BASELINE_FILENAME).exists() else logging.INFO
+                logger.log(level, "no drift baseline (%s): drift detection is off", exc)
 
     def _add_drift_webhook(self, slot: ModelSlot) -> None:
         """Register the drift webhook as a recovery drift hook when ``monitoring.drift_webhook_url`` is set."""
