@@ -25,6 +25,7 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
@@ -522,8 +523,15 @@ class MonitoringSettings(Section):
             raise ValueError("drift_recovery_threshold must be below drift_threshold (hysteresis)")
         if self.latency_max_p95_s <= self.latency_target_p95_s:
             raise ValueError("latency_max_p95_s must be above latency_target_p95_s")
-        if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
-            raise ValueError("latency_buckets_s must be a non-empty increasing list")
+        edges = self.latency_buckets_s
+        if not edges or edges[0] <= 0 or any(a >= b for a, b in zip(edges, edges[1:], strict=False)):
+            # equal edges passed a sorted() check and gave Prometheus two series of one bucket
+            raise ValueError("latency_buckets_s must be a non-empty, strictly increasing list of positive seconds")
+        if self.drift_webhook_url is not None:
+            url = urlsplit(self.drift_webhook_url.get_secret_value())
+            if url.scheme not in ("http", "https") or not url.hostname:  # the URL itself is never quoted: a secret
+                raise ValueError(f"drift_webhook_url must be an http:// or https:// URL with a host, not one with "
+                                 f"scheme {url.scheme!r}" + ("" if url.hostname else " and no host"))
         return self
 
 

@@ -163,3 +163,26 @@ def test_a_section_rule_broken_by_a_variable_names_the_variable(monkeypatch: pyt
         load_settings("cpu")
     assert "queue_size must be at least" in str(raised.value)
     assert "(FINTUNE_SERVING__QUEUE_SIZE set)" in str(raised.value)
+
+
+@pytest.mark.parametrize("url", ["hooks.example.com/services/S3CRET", "ftp://hooks.example.com/S3CRET", "http:///S3CRET"])
+def test_a_webhook_url_urllib_cannot_post_to_is_refused_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("FINTUNE_MONITORING__DRIFT_WEBHOOK_URL", url)  # failed only at the first drift episode
+    with pytest.raises(ConfigError, match="drift_webhook_url must be an http:// or https:// URL") as raised:
+        load_settings("cpu")
+    assert "S3CRET" not in str(raised.value)
+
+
+def test_https_webhook_url_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_MONITORING__DRIFT_WEBHOOK_URL", "https://hooks.example.com/services/S3CRET")
+    url = load_settings("cpu").monitoring.drift_webhook_url
+    assert url is not None and url.get_secret_value().endswith("S3CRET")
+
+
+@pytest.mark.parametrize("edges", ["[0.1, 0.1, 0.5]", "[0, 0.1]", "[0.5, 0.1]", "[]"])
+def test_latency_buckets_must_be_strictly_increasing_and_positive(monkeypatch: pytest.MonkeyPatch, edges: str) -> None:
+    monkeypatch.setenv("FINTUNE_MONITORING__LATENCY_BUCKETS_S", edges)  # equal edges gave two Prometheus series
+    with pytest.raises(ConfigError, match="strictly increasing"):
+        load_settings("cpu")

@@ -22,6 +22,15 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Turns a redirect into an HTTPError: urllib would follow a 301/302/303 answer to a POST with a GET that
+    drops the body, so the report would be lost while the log said it was delivered."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        """No new request: the 3xx reaches the caller as an HTTPError."""
+        return None
+
+
 class DriftWebhook:
     """A drift hook that POSTs ``{"event": "prediction_drift", "service": ..., "report": ...}`` to one URL."""
 
@@ -33,6 +42,7 @@ class DriftWebhook:
         self.service = service
         parts = urllib.parse.urlsplit(url)
         self.where = f"{parts.scheme}://{parts.hostname or ''}"  # what the log may show of the URL
+        self._opener = urllib.request.build_opener(_RefuseRedirects)
 
     def __call__(self, report: Any) -> None:
         """Send the report in the background (returns at once)."""
@@ -46,13 +56,26 @@ class DriftWebhook:
         threading.Thread(target=self._send, args=(body,), name="fintune-drift-webhook", daemon=True).start()
 
     def _send(self, body: bytes) -> None:
-        """One POST; its outcome logged."""
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        """One POST; its outcome logged, and nothing raised: an exception escaping this thread would be printed
+        by threading's excepthook, past the log redaction, often with the whole URL (its token) in it."""
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310 (a set URL)
+            request = urllib.request.Request(self.url, data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            with self._opener.open(request, timeout=self.timeout_s) as response:
                 status = response.status
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            logger.warning("drift webhook at %s failed: %s", self.where, exc)
+        except Exception as exc:  # noqa: BLE001 (see the docstring)
+            logger.warning("drift webhook at %s failed: %s", self.where, _failure(exc))
             return
         logger.info("drift reported to the webhook at %s (HTTP %s)", self.where, status)
+
+
+def _failure(exc: Exception) -> str:
+    """What the log may say of a failed POST: never the exception's own text where it can quote the URL."""
+    if isinstance(exc, urllib.error.HTTPError):
+        redirected = " (a redirect: set drift_webhook_url to the final URL)" if 300 <= exc.code < 400 else ""
+        return f"HTTP {exc.code}{redirected}"
+    if isinstance(exc, urllib.error.URLError):  # a socket error, or urllib's own words ('no host given')
+        return str(exc.reason)
+    if isinstance(exc, OSError):  # a timeout, a reset connection
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return type(exc).__name__  # ValueError and http.client's errors quote the URL or the raw answer
