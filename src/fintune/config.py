@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from fintune.errors import ConfigError
-from fintune.provenance import mask_url_password
+from fintune.provenance import mask_url_password, masked
 
 PROJECT_ROOT: Path = Path(__file__).resolve().parents[2]
 """The repository root (this file lives in ``src/fintune/``)."""
@@ -815,7 +815,8 @@ def _unparsable(exc: SettingsError, environment: dict[str, str]) -> str:
     """The message for an override pydantic-settings could not decode (a list or mapping not written as JSON)."""
     field = re.search(r'field "(\w+)"', str(exc))
     prefix = f"{ENV_PREFIX}{field.group(1).upper()}" if field else ENV_PREFIX
-    culprits = ", ".join(f"{n}={v!r}" for n, v in sorted(environment.items()) if n.startswith(prefix)) or prefix
+    culprits = ", ".join(f"{n}={masked(n, v)!r}" for n, v in sorted(environment.items()) if n.startswith(prefix))
+    culprits = culprits or prefix
     return (f"cannot read {culprits}: list and mapping settings are written as JSON, e.g. "
             f"FINTUNE_GUARDRAILS__ENTITIES='[\"US_SSN\", \"CREDIT_CARD\"]'")
 
@@ -831,7 +832,7 @@ def _readable(exc: ValidationError, environment: dict[str, str]) -> tuple[str, b
                          if (n := f"{ENV_PREFIX}{'__'.join(loc[:k]).upper()}") in environment), None)
         inside = sorted(n for n in environment if loc and n.startswith(f"{ENV_PREFIX}{'__'.join(loc).upper()}__"))
         if variable:
-            origin = f" (from {variable}={environment[variable]!r})"
+            origin = f" (from {variable}={masked(variable, environment[variable])!r})"
         elif inside:  # a rule across the section's fields (a model validator); names only: values may be secrets
             origin = " (" + ", ".join(inside) + " set)"
         else:

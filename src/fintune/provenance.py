@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -90,23 +91,55 @@ def thread_variables(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def masked(key: str, value: str) -> str:
-    """``value`` fit for a result file: :data:`MASK` when ``key`` names a secret, a URL's password masked."""
-    if any(word in key.upper() for word in SECRET_WORDS):
+    """``value`` fit for a result file or an error message: :data:`MASK` when ``key`` names a secret; a whole
+    section written as JSON (``FINTUNE_SERVING='{"api_key": ...}'``) with its secret fields masked; a URL's
+    password masked."""
+    if _names_secret(key):
         return MASK
-    return mask_url_password(value)
+    try:
+        data = json.loads(value)
+    except ValueError:
+        return mask_url_password(value)
+    return json.dumps(_masked_data(data)) if isinstance(data, dict | list) else mask_url_password(value)
+
+
+def _names_secret(name: str) -> bool:
+    """Whether a variable, field or query-parameter name holds one of :data:`SECRET_WORDS`."""
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
+def _masked_data(data: Any) -> Any:
+    """JSON values with every field whose name holds a secret word masked, and URL passwords in strings."""
+    if isinstance(data, dict):
+        return {k: MASK if _names_secret(str(k)) else _masked_data(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_masked_data(v) for v in data]
+    return mask_url_password(data) if isinstance(data, str) else data
 
 
 def mask_url_password(value: str) -> str:
-    """``value`` with the password of a URL (``redis://:pw@host``) masked as ``fintune.config.printable`` does;
-    a URL that does not parse wholly masked (it may hide one); anything else as it is."""
+    """``value`` with the password of a URL masked, as written in its user part (``redis://:pw@host``) or in its
+    query (``redis://host/0?password=pw``, which redis-py reads too); a URL that does not parse wholly masked (it
+    may hide one); anything else as it is."""
     try:
         url = urllib.parse.urlsplit(value)
         password = url.password
     except ValueError:
         return MASK if "://" in value else value
-    if not password:  # as written in the URL (urlsplit does not unquote it)
+    if not url.scheme or not (password or url.query):
         return value
-    return urllib.parse.urlunsplit(url._replace(netloc=url.netloc.replace(f":{password}@", f":{MASK}@", 1)))
+    head, mark, rest = value.partition("?")  # by hand: urlunsplit would turn unix:///path into unix:/path
+    query, hash_mark, fragment = rest.partition("#")
+    if password:  # as written (urlsplit does not unquote it); the user part comes before any path
+        head = head.replace(f":{password}@", f":{MASK}@", 1)
+    return head + mark + _masked_query(query) + hash_mark + fragment
+
+
+def _masked_query(query: str) -> str:
+    """A URL's query with the value of every parameter whose name holds a secret word masked."""
+    items = (item.partition("=") for item in query.split("&")) if query else ()
+    return "&".join(f"{name}={MASK}" if sep and _names_secret(urllib.parse.unquote_plus(name)) else name + sep + value
+                    for name, sep, value in items)
 
 
 def _git(folder: Path, *args: str) -> str | None:

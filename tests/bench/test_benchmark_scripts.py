@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -253,6 +254,28 @@ def test_urls_without_a_password_are_kept() -> None:
     assert prov.mask_url_password("redis://user:pw@host/0") == "redis://user:****@host/0"
     assert prov.mask_url_password("redis://:pw@[::1") == "****"  # unparsable: wholly masked, it may hide one
     assert prov.mask_url_password("not a url") == "not a url"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [  # redis-py reads a password from the query too; before, only the user part was masked
+        ("redis://h:6379/0?password=hunter2", "redis://h:6379/0?password=****"),
+        ("unix:///run/redis.sock?db=1&password=hunter2", "unix:///run/redis.sock?db=1&password=****"),
+        ("rediss://:hunter2@h/0?ssl_password=hunter2&socket_timeout=1",
+         "rediss://:****@h/0?ssl_password=****&socket_timeout=1"),
+        ("redis://h/0?db=1&flag", "redis://h/0?db=1&flag"),
+    ],
+)
+def test_a_password_in_the_query_is_masked(url: str, shown: str) -> None:
+    assert prov.mask_url_password(url) == shown
+    assert prov.masked("FINTUNE_RELIABILITY__REDIS_URL", url) == shown
+
+
+def test_a_section_set_as_json_has_its_secret_fields_masked() -> None:
+    value = '{"api_key": "hunter2", "port": 9000, "faults": {"rate": 0.1}, "x": ["redis://:hunter2@h/0"]}'
+    shown = json.loads(prov.masked("FINTUNE_SERVING", value))
+    assert shown == {"api_key": "****", "port": 9000, "faults": {"rate": 0.1}, "x": ["redis://:****@h/0"]}
+    assert prov.masked("FINTUNE_SEED", "7") == "7" and prov.masked("FINTUNE_X", "[1, 2]") == "[1, 2]"
 
 
 def test_revision_of_a_git_repository(tmp_path: Path) -> None:

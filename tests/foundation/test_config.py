@@ -186,3 +186,19 @@ def test_latency_buckets_must_be_strictly_increasing_and_positive(monkeypatch: p
     monkeypatch.setenv("FINTUNE_MONITORING__LATENCY_BUCKETS_S", edges)  # equal edges gave two Prometheus series
     with pytest.raises(ConfigError, match="strictly increasing"):
         load_settings("cpu")
+
+
+@pytest.mark.parametrize(
+    "variables",
+    [
+        {"FINTUNE_SERVING__API_KEY": "hunter2", "FINTUNE_SERVING__FAULTS": "rate=0.1"},  # a mapping not in JSON
+        {"FINTUNE_RELIABILITY__REDIS_URL": "redis://:hunter2@h/0", "FINTUNE_RELIABILITY__COUNTED_EXCEPTIONS": "x"},
+        {"FINTUNE_SERVING": '{"api_key": "hunter2", "port": "not a number"}'},  # a whole section as JSON
+    ],
+)
+def test_an_error_about_a_variable_never_shows_a_secret(monkeypatch: pytest.MonkeyPatch, variables: dict) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings("cpu")
+    assert "hunter2" not in str(raised.value) and "****" in str(raised.value)
