@@ -100,21 +100,35 @@ def test_fast_path_skips_only_text_no_recognizer_can_match() -> None:
     assert not may_hold_pii("Operating profit rose sharply in the quarter .")
 
 
-def test_extra_fields_are_redacted_too(guard: PIIGuard) -> None:
+def logged_with_extra(guard: PIIGuard, fmt: str, *args: object, extra: dict[str, object]) -> str:
+    """What one warning with ``extra`` fields prints through ``fmt`` while the redaction is installed."""
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)
-    handler.setFormatter(logging.Formatter("%(message)s|%(customer)s|%(attempt)s"))
+    handler.setFormatter(logging.Formatter(fmt))
     log = logging.getLogger("fintune.test.extra")
     log.addHandler(handler)
     uninstall = install_log_redaction(guard)
     try:
-        log.warning("wire for %s", f"SSN {SECRETS[0]}", extra={"customer": f"mail {SECRETS[2]}", "attempt": 2})
+        log.warning(*args, extra=extra)
     finally:
         uninstall()
         log.removeHandler(handler)
-    _assert_clean(buffer.getvalue())
-    assert "wire for SSN <US_SSN>|mail <EMAIL_ADDRESS>|2" in buffer.getvalue()
+    return buffer.getvalue()
+
+
+def test_extra_fields_are_redacted_too(guard: PIIGuard) -> None:
+    output = logged_with_extra(guard, "%(message)s|%(customer)s|%(attempt)s", "wire for %s", f"SSN {SECRETS[0]}",
+                               extra={"customer": f"mail {SECRETS[2]}", "attempt": 2})
+    _assert_clean(output)
+    assert "wire for SSN <US_SSN>|mail <EMAIL_ADDRESS>|2" in output
     assert logging.Logger.makeRecord is logging.Logger.__dict__["makeRecord"]  # uninstalled
+
+
+def test_an_extra_field_s_name_is_the_context_its_number_needs(guard: PIIGuard) -> None:
+    # alone, 0012345678 is a number like any other: it was logged as it was
+    output = logged_with_extra(guard, "%(message)s|%(account)s|%(routing_number)s|%(amount)s", "wire sent",
+                               extra={"account": SECRETS[4], "routing_number": "021000021", "amount": 2500000})
+    assert output == "wire sent|<ACCOUNT_NUMBER>|<ABA_ROUTING_NUMBER>|2500000\n"
 
 
 def test_a_guard_failure_withholds_the_record_and_never_breaks_the_logging_call(all_log_output: io.StringIO) -> None:

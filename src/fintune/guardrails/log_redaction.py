@@ -65,11 +65,14 @@ def _extra_fields(record: logging.LogRecord) -> list[str]:
 
 
 def _redact_extra(record: logging.LogRecord, guard: PIIGuard) -> None:
-    """Mask PII in the text of every ``extra`` field (a formatter may print any of them)."""
+    """Mask PII in the text of every ``extra`` field (a formatter may print any of them). Each value is read
+    after its field's name, ``account: 0012345678``, since that name is the context word an account or routing
+    number needs: alone, ``0012345678`` is a number like any other and was logged as it was."""
     for name in _extra_fields(record):
-        masked, found = mask(str(getattr(record, name)), guard)
+        label = f"{name.replace('_', ' ')}: "
+        masked, found = mask(label + str(getattr(record, name)), guard)
         if found:
-            setattr(record, name, masked)
+            setattr(record, name, masked.removeprefix(label))
 
 
 def may_hold_pii(text: str) -> bool:
