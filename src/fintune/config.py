@@ -24,11 +24,11 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 from fintune.errors import ConfigError
@@ -311,6 +311,18 @@ PII_ENTITIES: tuple[str, ...] = (
 DATE_TIME, LOCATION or NRP, which carry the financial signal (company names, quarters, markets)."""
 
 
+DEFAULT_SCORE_THRESHOLDS: dict[str, float] = {
+    "US_SSN": 0.4,
+    "CREDIT_CARD": 0.4,
+    "EMAIL_ADDRESS": 0.4,
+    "PHONE_NUMBER": 0.4,
+    "IBAN_CODE": 0.4,
+    "US_BANK_NUMBER": 0.4,
+    "ACCOUNT_NUMBER": 0.5,
+    "ABA_ROUTING_NUMBER": 0.5,
+}
+
+
 class GuardrailSettings(Section):
     """PII detection and masking (Presidio) and the output checks."""
 
@@ -330,19 +342,11 @@ class GuardrailSettings(Section):
     default_score_threshold: float = Field(
         0.4, ge=0, le=1, description="Minimum detection score of an entity type not listed in score_thresholds."
     )
-    score_thresholds: dict[str, float] = Field(
-        default_factory=lambda: {
-            "US_SSN": 0.4,
-            "CREDIT_CARD": 0.4,
-            "EMAIL_ADDRESS": 0.4,
-            "PHONE_NUMBER": 0.4,
-            "IBAN_CODE": 0.4,
-            "US_BANK_NUMBER": 0.4,
-            "ACCOUNT_NUMBER": 0.5,
-            "ABA_ROUTING_NUMBER": 0.5,
-        },
+    score_thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+        default_factory=lambda: dict(DEFAULT_SCORE_THRESHOLDS),
         description="Minimum detection score per entity type. Per type because one global threshold above 0.4 "
-        "silently drops bank and phone numbers, whose base scores are low until a context word lifts them.",
+        "silently drops bank and phone numbers, whose base scores are low until a context word lifts them. The "
+        "types given replace their defaults; the others keep theirs.",
     )
     phone_regions: list[str] = Field(
         default_factory=lambda: ["US", "GB", "DE", "FI", "FR", "SE", "CA", "IE", "NL"],
@@ -367,6 +371,13 @@ class GuardrailSettings(Section):
     eval_latency_samples: int = Field(
         500, ge=10, description="Sentences timed one by one for guard-eval's p50/p99 latency."
     )
+
+    @field_validator("score_thresholds", mode="before")
+    @classmethod
+    def _over_the_defaults(cls, value: Any) -> Any:
+        """The thresholds given, over the defaults: ``{US_SSN: 0.9}`` used to drop every other type's default
+        (ACCOUNT_NUMBER's 0.5 became default_score_threshold's 0.4)."""
+        return {**DEFAULT_SCORE_THRESHOLDS, **value} if isinstance(value, dict) else value
 
 
 class RecoverySettings(Section):
@@ -705,16 +716,41 @@ def profile_path(profile: str) -> Path:
 
 
 def read_profile(profile: str) -> dict[str, Any]:
-    """The raw values of a profile's YAML file, with ``profile`` set to its name."""
+    """The raw values of a profile's YAML file, with ``profile`` set to its name (the file's stem)."""
     path = profile_path(profile)
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=_ProfileLoader) or {}  # noqa: S506 (safe)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"profile {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"profile {path} is not valid YAML: {exc}") from exc
     if not isinstance(values, dict):
         raise ConfigError(f"profile {path} must hold a mapping of settings, not {type(values).__name__}")
-    values.setdefault("profile", path.stem)
+    named = values.get("profile", path.stem)
+    if named != path.stem:  # a copy of `fintune settings` output would take the other profile's model folder
+        raise ConfigError(f"profile {path} sets profile: {named!r}, but a profile's name is its file's name "
+                          f"({path.stem!r}), which names its model folder and breaker: delete that line")
+    values["profile"] = path.stem
     return values
+
+
+class _ProfileLoader(yaml.SafeLoader):
+    """yaml's safe loader, refusing what it would otherwise read silently: a key given twice (the last one
+    won, and a second ``training:`` block dropped the first one's fields) and a key that is not text."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """The mapping, or a YAML error at the repeated or non-text key."""
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            problem = ("is not text: quote it" if not isinstance(key, str)
+                       else "is given twice" if key in seen else None)
+            if problem:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} {problem}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def printable(settings: Settings) -> dict[str, Any]:
@@ -838,5 +874,20 @@ def _readable(exc: ValidationError, environment: dict[str, str]) -> tuple[str, b
         else:
             origin = ""
         from_env = from_env or variable is not None or bool(inside)
-        lines.append(f"  {where}: {error['msg']}{origin}")
+        close = _closest_field(loc) if error["type"] == "extra_forbidden" else None
+        hint = f"; did you mean {close}?" if close else ""
+        lines.append(f"  {where}: {error['msg']}{hint}{origin}")
     return "\n".join(lines), from_env
+
+
+def _closest_field(loc: list[str]) -> str | None:
+    """For a key no setting has at ``loc`` (``monitoring.drift_treshold``), the dotted name of its section's
+    closest field (``monitoring.drift_threshold``), if one is close."""
+    section: type[BaseModel] | None = Settings
+    for part in loc[:-1]:
+        field = section.model_fields.get(part) if section else None
+        section = _section(field.annotation) if field else None
+    if section is None:
+        return None
+    close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1)
+    return ".".join([*loc[:-1], close[0]]) if close else None

@@ -202,3 +202,37 @@ def test_an_error_about_a_variable_never_shows_a_secret(monkeypatch: pytest.Monk
     with pytest.raises(ConfigError) as raised:
         load_settings("cpu")
     assert "hunter2" not in str(raised.value) and "****" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"seed: 1\nseed: 2\n", "key 'seed' is given twice"),  # the last one used to win
+        (b"model:\n  training:\n    epochs: 2\n  training:\n    lora_r: 8\n", "key 'training' is given twice"),
+        (b"1: x\n", "key 1 is not text"),  # was TypeError: keywords must be strings
+        (b"description: caf\xe9\n", "is not UTF-8 text"),  # was a UnicodeDecodeError traceback
+        (b"profile: encoder\n", "a profile's name is its file's name"),  # would use the encoder's model folder
+    ],
+)
+def test_a_profile_file_read_wrongly_before_is_refused(tmp_path: Path, content: bytes, message: str) -> None:
+    profile = tmp_path / "mine.yaml"
+    profile.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(str(profile))
+
+
+def test_a_profile_may_name_itself(tmp_path: Path) -> None:
+    profile = tmp_path / "mine.yaml"
+    profile.write_text("profile: mine\nseed: 3\n")
+    settings = load_settings(str(profile))
+    assert settings.profile == "mine" and settings.seed == 3
+
+
+def test_a_misspelt_profile_key_names_the_closest_setting(tmp_path: Path) -> None:
+    profile = tmp_path / "typo.yaml"
+    profile.write_text("monitoring:\n  drift_treshold: 0.2\nmodel:\n  trainng: {}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(str(profile))
+    assert "monitoring.drift_treshold: Extra inputs are not permitted; did you mean monitoring.drift_threshold?" in (
+        str(raised.value))
+    assert "did you mean model.training?" in str(raised.value)
