@@ -162,6 +162,20 @@ def test_unknown_entity_is_a_readable_error() -> None:
         PIIGuard(GuardrailSettings(entities=["PERSONAL_HOROSCOPE"]))
 
 
+def test_a_misspelt_threshold_type_is_a_readable_error() -> None:
+    # US_SNN was accepted and ignored: US_SSN kept the default its author meant to change
+    with pytest.raises(GuardrailError, match=r"guardrails\.score_thresholds names types .*'US_SNN'"):
+        PIIGuard(GuardrailSettings(score_thresholds={"US_SNN": 0.9}))
+
+
+def test_a_threshold_given_keeps_the_other_types_defaults() -> None:
+    defaults = GuardrailSettings().score_thresholds
+    given = GuardrailSettings(score_thresholds={"US_SSN": 0.9}).score_thresholds
+    assert given == {**defaults, "US_SSN": 0.9} and given["ACCOUNT_NUMBER"] == 0.5  # was dropped, then 0.4
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        GuardrailSettings(score_thresholds={"US_SSN": 1.5})
+
+
 def test_missing_spacy_model_is_an_error_not_a_download(monkeypatch: pytest.MonkeyPatch) -> None:
     import spacy.cli
 

@@ -197,11 +197,12 @@ def merge_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult
 
 def build_analyzer(settings: GuardrailSettings) -> AnalyzerEngine:
     """An analyzer holding only the configured entities' recognizers, each with its per-entity threshold."""
-    unknown = sorted(set(settings.entities) - set(supported_entities()))
-    if unknown:
-        raise GuardrailError(
-            f"guardrails.entities names types no recognizer detects: {unknown}; choose from {supported_entities()}"
-        )
+    for field, names in (("entities", settings.entities), ("score_thresholds", settings.score_thresholds)):
+        unknown = sorted(set(names) - set(supported_entities()))
+        if unknown:  # a misspelt threshold (US_SNN) would leave the type it meant at the default
+            raise GuardrailError(
+                f"guardrails.{field} names types no recognizer detects: {unknown}; choose from {supported_entities()}"
+            )
     recognizers = build_recognizers(settings.entities, settings.phone_regions, settings.language)
     for recognizer in recognizers:
         recognizer.score_thresholds = {
