@@ -306,3 +306,68 @@ def test_a_background_reload_lets_calls_fail_fast_outside_the_breaker_until_it_i
             time.sleep(0.05)
     assert recovery.history[-1].succeeded and recovery.call(lambda m: m.predict("x")) == "positive"
     assert loader.loads == 2
+
+
+def test_after_a_failed_background_reload_the_next_load_runs_aside_too() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker.from_settings(ReliabilitySettings(recovery_timeout_s=30.0), clock=clock)
+    loads: list[tuple[str, bool]] = []
+
+    def loader() -> object:
+        loads.append((threading.current_thread().name, recovery.reloading))
+        if len(loads) == 1:
+            return GreedyModel()
+        if len(loads) <= 3:  # the out-of-memory reload (2 attempts) fails
+            bytearray(IMPOSSIBLE_BYTES)
+        return GoodModel()
+
+    recovery = RecoveryManager(loader, RecoverySettings(oom_max_attempts=2), breaker=breaker,
+                               sleep=lambda s: None, clock=clock, reload_in_background=True)
+
+    def settled() -> None:
+        for _ in range(600):
+            if not recovery.reloading:
+                return
+            time.sleep(0.02)
+
+    with pytest.raises(MemoryError):
+        recovery.call(lambda m: m.predict("x"))
+    settled()
+    assert breaker.state is BreakerState.OPEN and len(loads) == 3
+    clock.now += 31.0  # HALF_OPEN: the next call must not load in its own thread, the service's only model thread
+    with pytest.raises(RecoveryError, match="being reloaded"):
+        recovery.call(lambda m: m.predict("x"))
+    settled()
+    assert loads[3] == ("fintune-model-reload", True)  # was ('MainThread', False): /readyz said ready meanwhile
+    assert all(thread == "fintune-model-reload" for thread, _ in loads[1:])
+    assert recovery.call(lambda m: m.predict("x")) == "positive" and breaker.state is BreakerState.CLOSED
+
+
+def test_two_out_of_memory_errors_racing_for_the_lock_start_one_background_reload() -> None:
+    loader = Loader(GoodModel())
+    recovery = RecoveryManager(loader, RecoverySettings(), sleep=lambda s: None, reload_in_background=True,
+                               model=GoodModel())
+    started = threading.Event()
+    reload_now = recovery._reload_then_resume
+
+    def scheduled_late(*args: object) -> None:  # the reload thread runs only once both callers are done
+        started.wait(10)
+        reload_now(*args)
+
+    recovery._reload_then_resume = scheduled_late  # type: ignore[method-assign]
+    outcomes: list[RecoveryOutcome] = []
+    with recovery._reload_lock:  # both callers have passed every check made outside the lock
+        callers = [threading.Thread(target=lambda: outcomes.append(recovery.handle_oom(MemoryError(), 0)))
+                   for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        time.sleep(0.2)
+    for caller in callers:
+        caller.join(10)
+    started.set()
+    for _ in range(600):
+        if not recovery.reloading:
+            break
+        time.sleep(0.02)
+    assert sorted(next(iter(o.details)) for o in outcomes) == ["already_reloading", "reloading_in_background"]
+    assert loader.loads == 1  # was 2: the second caller found the generation unchanged and reloaded again

@@ -155,16 +155,26 @@ class RecoveryManager(Generic[M]):
     def model(self) -> M:
         """The live model, loaded on first use; RecoveryError when the last reload failed and no retry is due, or
         while a background reload runs."""
-        if self._reloading.is_set():
-            raise RecoveryError("the model is being reloaded after running out of memory; retry shortly")
-        if self._model is None and self._retry_due():
+        if self._model is None and not self._reloading.is_set() and self._retry_due():
             generation = self._generation
             with self._reload_lock:
                 if self._model is None and generation == self._generation:  # nobody tried meanwhile
-                    self._reload("load after a failed reload" if self.history else "initial load", event="reload")
+                    if self._background and self._failed_at is not None:  # never in the caller's thread
+                        self._reload_aside("load after a failed reload", event="reload")
+                    elif not self._reloading.is_set():
+                        self._reload("load after a failed reload" if self.history else "initial load",
+                                     event="reload")
+        if self._reloading.is_set():
+            raise RecoveryError("the model is being reloaded in the background; retry shortly")
         if self._model is None:
             raise RecoveryError("the model is not loaded: the last reload failed; see the recovery log")
         return self._model
+
+    @property
+    def generation(self) -> int:
+        """How many reloads have run (failed ones too): latencies measured under another generation were
+        measured on another model."""
+        return self._generation
 
     @property
     def reloading(self) -> bool:
@@ -205,12 +215,12 @@ class RecoveryManager(Generic[M]):
 
         if self.breaker is None:
             return run()
+        if self._model is None and self._breaker_is_ours() and self.breaker.state is not BreakerState.OPEN:
+            self._load_quietly()  # outside the breaker: loading is not the (possibly slow-limited) trial call
         if self._reloading.is_set() or not self._breaker_is_ours():
             # a reload under way, or a model missing in this process under the fleet's breaker: RecoveryError here,
             # outside the breaker, which must not count it as the model failing
             self.model  # noqa: B018
-        elif self._model is None and self.breaker.state is not BreakerState.OPEN:
-            self._load_quietly()  # outside the breaker: loading is not the (possibly slow-limited) trial call
         return self.breaker.call(run)
 
     def _load_quietly(self) -> None:
@@ -224,10 +234,10 @@ class RecoveryManager(Generic[M]):
         ``generation`` is the model generation the failing call used: if another thread already reloaded
         since, nothing is done again.
         """
-        if self._reloading.is_set():  # another call's out-of-memory started it
-            return RecoveryOutcome("out_of_memory", False, details={"already_reloading": True})
         reason = f"out of memory: {type(exc).__name__}"
         with self._reload_lock:
+            if self._reloading.is_set():  # another call's out-of-memory started it (checked under the lock)
+                return RecoveryOutcome("out_of_memory", False, details={"already_reloading": True})
             if generation is not None and generation != self._generation:
                 handled = RecoveryOutcome("out_of_memory", self._model is not None, details={"already_reloaded": True})
                 return self._report(handled)
@@ -235,17 +245,22 @@ class RecoveryManager(Generic[M]):
                         " in the background" if self._background else "")
             if not self._background:
                 return self._reload(reason, event="out_of_memory")
-            self._model = None  # the failing model goes now; calls fail fast until the new one is in
-            self._reloading.set()
-        threading.Thread(target=self._reload_then_resume, args=(reason,), name="fintune-model-reload",
-                         daemon=True).start()
+            self._reload_aside(reason, event="out_of_memory")
         return RecoveryOutcome("out_of_memory", False, details={"reloading_in_background": True})
 
-    def _reload_then_resume(self, reason: str) -> None:
+    def _reload_aside(self, reason: str, *, event: str) -> None:
+        """Start the background reload (the reload lock is held): the model goes now, calls fail fast with
+        RecoveryError until the new one is in, and a second reload cannot start meanwhile."""
+        self._model = None
+        self._reloading.set()
+        threading.Thread(target=self._reload_then_resume, args=(reason, event), name="fintune-model-reload",
+                         daemon=True).start()
+
+    def _reload_then_resume(self, reason: str, event: str) -> None:
         """The background reload (reported as any reload is); calls are let through again when it ends."""
         try:
             with self._reload_lock:
-                self._reload(reason, event="out_of_memory")
+                self._reload(reason, event=event)
         finally:
             self._reloading.clear()
 
