@@ -10,7 +10,9 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -624,9 +626,9 @@ def test_shutdown_does_not_wait_for_a_model_still_loading(serving_settings: Sett
     assert not thread.is_alive() and stopped_in < 10, stopped_in  # not the 30 s the load would take
 
 
-def test_the_latency_spike_baseline_is_learned_from_model_answers_only(
-    serving_settings: Settings, guard: PIIGuard
-) -> None:
+def spike_check_pipeline(serving_settings: Settings, guard: PIIGuard) -> tuple[Any, Callable[[float, bool], None]]:
+    """An offline pipeline whose spike check learns from 10 latencies, and a function recording ten answers of
+    the given latency (by the model, or degraded) and then running one model call, which runs the check."""
     from fintune.serving.pipeline import ItemOutcome
     from fintune.serving.service import offline_pipeline
 
@@ -637,12 +639,37 @@ def test_the_latency_spike_baseline_is_learned_from_model_answers_only(
     pipeline = offline_pipeline(settings, KeywordClassifier())
     guarded = guard.redact("Net sales rose.")
     answer = Prediction("positive", 0.9, {"positive": 0.9, "neutral": 0.05, "negative": 0.05})
-    for _ in range(50):  # the baseline's answers while the model was away take a millisecond
-        pipeline.record(ItemOutcome(prediction=answer, guardrail=guarded, degraded=True), 0.001)
-    for _ in range(10):
-        pipeline.record(ItemOutcome(prediction=answer, guardrail=guarded, degraded=False), 0.2)
-    pipeline.process_batch(["Net sales rose."])  # a model call runs the spike check
+
+    def answers(latency_s: float, degraded: bool = False) -> None:
+        for _ in range(10):
+            pipeline.record(ItemOutcome(prediction=answer, guardrail=guarded, degraded=degraded), latency_s)
+        pipeline.process_batch(["Net sales rose."])
+
+    return pipeline, answers
+
+
+def test_the_latency_spike_baseline_is_learned_from_model_answers_only(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    pipeline, answers = spike_check_pipeline(serving_settings, guard)
+    for _ in range(5):  # the baseline's answers while the model was away take a millisecond
+        answers(0.001, True)
+    answers(0.2)
     assert pipeline.describe()["latency_baseline_p95_s"] == pytest.approx(0.2)  # not 0.001
+
+
+def test_after_a_reload_the_latency_baseline_is_learned_from_the_new_model(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    pipeline, model_answers = spike_check_pipeline(serving_settings, guard)
+    model_answers(0.1)
+    assert pipeline.describe()["latency_baseline_p95_s"] == pytest.approx(0.1)
+    model_answers(1.0)  # memory pressure slows the model down, then it runs out of memory and is reloaded
+    assert pipeline.slot.recovery is not None and pipeline.slot.recovery.reload("out of memory").succeeded
+    pipeline.process_batch(["Net sales rose."])  # the first check after the reload: the old latencies are gone
+    assert pipeline.describe()["latency_baseline_p95_s"] is None  # was 1.0, learned from the slow spell
+    model_answers(0.1)
+    assert pipeline.describe()["latency_baseline_p95_s"] == pytest.approx(0.1)
 
 
 def test_an_unusable_drift_baseline_turns_drift_off_with_a_warning_and_requests_are_answered(

@@ -277,6 +277,7 @@ class ClassificationPipeline:
         # latencies of texts the model answered: the spike check must not learn its baseline from degraded
         # answers or rejections, which take milliseconds
         self._model_latencies: deque[float] = deque(maxlen=settings.reliability.recovery.latency_window)
+        self._latencies_generation = 0  # the RecoveryManager generation the latencies were measured on
         self._latencies_lock = threading.Lock()
         self.queue_depth: Callable[[], int] | None = None
         """How many texts wait for the model (set by whoever feeds the pipeline: the service's batcher)."""
@@ -393,6 +394,9 @@ class ClassificationPipeline:
         recovery = self.slot.recovery
         if recovery is not None:
             with self._latencies_lock:
+                if recovery.generation != self._latencies_generation:  # a reloaded model: learn its latency anew,
+                    self._model_latencies.clear()  # not from the slow spell before the reload (the baseline
+                    self._latencies_generation = recovery.generation  # is relearned from the next full window)
                 latencies = list(self._model_latencies)
             depth = self.queue_depth() if self.queue_depth is not None else None
             recovery.check_latency(latencies, queue_depth=depth, batch_size=batch_size)
