@@ -256,6 +256,20 @@ def test_an_unreadable_record_is_replaced_not_fatal(redis_url: str, caplog: pyte
     assert json.loads(server.get(key))["successes"] == 2
 
 
+@pytest.mark.parametrize("stored", ['{"state": "open"}', '{"calls": "7"}', '{"trial_starts": [1, "x"]}'])
+def test_a_record_of_the_wrong_shape_is_replaced_too(
+    redis_url: str, caplog: pytest.LogCaptureFixture, stored: str
+) -> None:
+    # an OPEN record without opened_at never timed out; a counter that is text failed every call with a TypeError
+    key = f"test:{uuid.uuid4()}"
+    server = redis.Redis.from_url(redis_url)
+    server.set(key, stored)
+    with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"):
+        assert breaker_on(redis_url, key).call(lambda: "answer") == "answer"
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    assert json.loads(server.get(key))["state"] == "closed" and json.loads(server.get(key))["calls"] == 1
+
+
 def call_after(
     prepare: Callable[[redis.Redis, str], object], redis_url: str, caplog: pytest.LogCaptureFixture
 ) -> tuple[redis.Redis, str, list[str]]:

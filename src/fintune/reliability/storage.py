@@ -94,10 +94,33 @@ class BreakerRecord:
         values = json.loads(raw)
         if not isinstance(values, dict):
             raise ValueError("a breaker record is a JSON object")
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in values.items() if k in known}
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k in kinds}
+        for name, value in values.items():
+            if name != "state" and not _has_kind(value, kinds[name]):  # a "7" would fail every call later
+                raise ValueError(f"field {name!r} holds {value!r}, not {kinds[name]}")
         values["state"] = BreakerState(values.get("state", BreakerState.CLOSED))
+        if values["state"] is BreakerState.OPEN and values.get("opened_at") is None:
+            raise ValueError("an open record without opened_at would never time out")
         return cls(**values)
+
+
+def _is_number(value: object) -> bool:
+    """An int or a float, not a bool (JSON's true is no count)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _has_kind(value: object, kind: str) -> bool:
+    """Whether a JSON value fits a :class:`BreakerRecord` field's annotation (one of the four it uses)."""
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float | None":
+        return value is None or _is_number(value)
+    if kind == "list[float]":
+        return isinstance(value, list) and all(_is_number(v) for v in value)
+    if kind == "dict[str, int]":
+        return isinstance(value, dict) and all(_has_kind(v, "int") for v in value.values())
+    raise TypeError(f"no check for the field type {kind}")
 
 
 class BreakerStorage(Protocol):
