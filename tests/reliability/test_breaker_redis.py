@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -268,6 +269,35 @@ def test_a_record_of_the_wrong_shape_is_replaced_too(
         assert breaker_on(redis_url, key).call(lambda: "answer") == "answer"
     assert any("unreadable" in r.getMessage() for r in caplog.records)
     assert json.loads(server.get(key))["state"] == "closed" and json.loads(server.get(key))["calls"] == 1
+
+
+def test_call_async_waits_for_a_held_lock_without_stalling_the_event_loop(redis_url: str) -> None:
+    key = f"test:{uuid.uuid4()}"
+    breaker = breaker_on(redis_url, key)
+    redis.Redis.from_url(redis_url).set(f"{key}:lock", "another-process", px=600)  # it died holding the lock
+
+    async def main() -> tuple[str, float]:
+        gaps: list[float] = []
+
+        async def heartbeat() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        async def answer() -> str:
+            return "answer"
+
+        beating = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0.05)
+        result = await breaker.call_async(answer)  # waits about 0.6 s for the lock to expire
+        await asyncio.sleep(0.05)  # the heartbeat records the gap the call left, if it left one
+        beating.cancel()
+        return result, max(gaps)
+
+    result, longest_stall = asyncio.run(main())
+    assert result == "answer" and longest_stall < 0.3  # was the whole wait: the loop polled Redis in time.sleep
 
 
 def call_after(

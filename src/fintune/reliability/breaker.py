@@ -36,6 +36,7 @@ concurrently and a rejection costs microseconds in memory (``benchmarks/breaker_
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import importlib
 import logging
@@ -274,15 +275,21 @@ class CircuitBreaker:
         return result
 
     async def call_async(self, fn: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Await ``fn(*args, **kwargs)`` under the breaker (asyncio); same rules as :meth:`call`."""
-        permit = self._admit()
+        """Await ``fn(*args, **kwargs)`` under the breaker (asyncio); same rules as :meth:`call`. With a shared
+        storage the record's transactions run in a worker thread: their Redis round trips, and the wait for a
+        lock another process holds (up to its timeout), would otherwise stall the event loop."""
+        permit = await self._on_storage(self._admit)
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
-            self._record_error(permit, exc)
+            await self._on_storage(self._record_error, permit, exc)
             raise
-        self._record_return(permit)
+        await self._on_storage(self._record_return, permit)
         return result
+
+    async def _on_storage(self, step: Callable[..., T], *args: Any) -> T:
+        """Run one of the record's steps: here with memory storage (microseconds), in a thread with a shared one."""
+        return await asyncio.to_thread(step, *args) if self.storage.shared else step(*args)
 
     def is_failure(self, exc: BaseException) -> bool:
         """Whether ``exc`` counts as a failure (counted type and not an ignored one)."""
