@@ -29,6 +29,7 @@ from fintune.evaluation import (
     classification_metrics,
     latency_percentiles,
     plot_comparison,
+    replace_atomically,
     write_classification_artifacts,
     write_json,
 )
@@ -103,13 +104,16 @@ def run_baselines(
 ) -> dict[str, Any]:
     """Train, score and save every configured baseline; returns what ``comparison.json`` holds."""
     started = time.perf_counter()
+    # the folder's comparison (and its fingerprint) speaks for pipelines about to be replaced: gone until this
+    # run writes its own, so a run cut short never leaves new pipelines under an old fingerprint for evaluate
+    (output_dir / COMPARISON_FILE).unlink(missing_ok=True)
     models: dict[str, dict[str, Any]] = {}
     for name in progress(cfg.models):
         pipeline, result = train_and_score(name, splits, cfg)
         logger.info("%s: accuracy %.3f, macro-F1 %.3f, fit %.1fs", name, result["accuracy"],
                     result["macro_f1"], result["fit_seconds"])
         write_classification_artifacts(result, output_dir, name)
-        joblib.dump(pipeline, output_dir / f"{name}.joblib")
+        replace_atomically(output_dir / f"{name}.joblib", lambda path, fitted=pipeline: joblib.dump(fitted, path))
         models[name] = result
     comparison = {
         "provenance": provenance(command),

@@ -7,6 +7,7 @@ Labels are always ordered as :data:`fintune.LABELS`; confusion-matrix rows are t
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -52,8 +53,20 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str]) -> dict
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` as indented UTF-8 JSON, creating the folder; returns the path."""
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    return replace_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Have ``write`` fill a temporary file beside ``path``, then rename it over ``path`` (creating the folder):
+    a run killed while writing leaves the previous file, never a truncated one; returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,40 @@ def test_saved_pipeline_predicts_like_the_trained_one(tiny_data_dir: Path, tmp_p
     assert list(pipeline.predict(["Operating profit fell to EUR 3.1 mn from EUR 40.0 mn ."])) == ["negative"]
     with pytest.raises(ArtifactError, match=f"run `fintune baselines --subset S --output-dir {tmp_path}` first"):
         load_pipeline(tmp_path / "missing.joblib")
+
+
+def test_a_run_cut_short_leaves_no_comparison_to_vouch_for_its_new_pipelines(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    settings = small_settings(tiny_data_dir)
+    splits = load_splits(settings)
+    run_baselines(splits, settings.baselines, tmp_path, command="pytest")
+
+    def killed_after_the_first(names: Iterable[str]) -> Iterator[str]:
+        for i, name in enumerate(names):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield name
+
+    with pytest.raises(KeyboardInterrupt):  # the first pipeline is replaced, the others are still the old run's
+        run_baselines(splits, settings.baselines, tmp_path, command="pytest", progress=killed_after_the_first)
+    # evaluate trusted the old comparison's fingerprint for every joblib beside it; it now finds none and retrains
+    assert not (tmp_path / "comparison.json").exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # nothing half-written is left behind
+
+
+def test_a_write_that_fails_leaves_the_previous_file(tmp_path: Path) -> None:
+    from fintune.evaluation import replace_atomically, write_json
+
+    path = write_json(tmp_path / "comparison.json", {"kept": True})
+
+    def cut_short(temporary: Path) -> None:
+        temporary.write_text('{"trunc')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomically(path, cut_short)
+    assert json.loads(path.read_text()) == {"kept": True} and list(tmp_path.iterdir()) == [path]
 
 
 @pytest.mark.needs_data

@@ -9,7 +9,7 @@ import pytest
 from fintune.config import load_settings
 from fintune.data import load_splits
 from fintune.errors import ArtifactError
-from fintune.model.assessment import unseen_test_examples
+from fintune.model.assessment import compare_with_baselines, unseen_test_examples
 
 
 def _card(subset: str, fingerprint: str) -> dict:
@@ -59,3 +59,16 @@ def test_macro_f1_matches_sklearn_also_when_a_class_is_absent() -> None:
         assert macro_f1_codes(truth, predicted) == pytest.approx(expected)
         names = [LABELS[i] for i in truth], [LABELS[i] for i in predicted]
         assert classification_metrics(*names)["macro_f1"] == pytest.approx(expected, abs=1e-4)
+
+
+@pytest.mark.parametrize("content", ['{"data": {"fingerprint": "94aea96d', '{"models": {}}', "[]"])
+def test_an_unreadable_baseline_comparison_is_an_error_saying_what_to_do(
+    tiny_data_dir: Path, tmp_path: Path, content: str
+) -> None:
+    settings = load_settings("tiny-mistral", data_dir=tiny_data_dir, output_dir=tmp_path)
+    splits = load_splits(settings, "50agree")
+    folder = tmp_path / "baselines" / "50agree"
+    folder.mkdir(parents=True)
+    (folder / "comparison.json").write_text(content)  # a write cut short, or another tool's file
+    with pytest.raises(ArtifactError, match="unreadable.*re-run `fintune baselines --subset 50agree"):
+        compare_with_baselines(settings, splits, splits.test, [ex.label for ex in splits.test])  # was a traceback

@@ -75,6 +75,17 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert best["ci_low"] <= best["difference"] <= best["ci_high"]
     assert comparison["verdict"].split(":")[0] in {"yes", "no", "not proven"}
 
+    baselines = tiny_env / "baselines" / "50agree" / "comparison.json"
+    stale = json.loads(baselines.read_text())
+    stale["data"]["fingerprint"] = "0" * 64  # baselines of other data: evaluate refuses them...
+    baselines.write_text(json.dumps(stale))
+    before = {path.name: path.read_bytes() for path in eval_dir.iterdir()}
+    assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir), "--subset", "50agree",
+                 "--output-dir", str(eval_dir)]) == 2
+    assert "trained on other data" in capsys.readouterr().err
+    # ...before writing anything: a new metrics.json used to sit beside the last run's comparison and plots
+    assert {path.name: path.read_bytes() for path in eval_dir.iterdir()} == before
+
 
 def test_lora_report_prints_the_exact_mistral_count(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:

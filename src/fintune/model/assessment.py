@@ -183,11 +183,16 @@ def compare_with_baselines(
 ) -> dict[str, Any]:
     """Each baseline on the same sentences, the bootstrap CI of the macro-F1 difference, and the verdict."""
     path = baseline_comparison_file(settings, splits)
-    baselines = json.loads(path.read_text(encoding="utf-8"))
-    if baselines["data"]["fingerprint"] != splits.fingerprint:
+    try:
+        baselines = json.loads(path.read_text(encoding="utf-8"))
+        fingerprint, names = baselines["data"]["fingerprint"], list(baselines["models"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ArtifactError(f"the baselines' {path} is unreadable ({type(exc).__name__}: {exc}); re-run "
+                            f"`fintune baselines --subset {splits.subset} --output-dir {path.parent}`") from exc
+    if fingerprint != splits.fingerprint:
         raise ArtifactError(
             f"the baselines in {path.parent} were trained on other data (fingerprint "
-            f"{baselines['data']['fingerprint'][:12]} vs {splits.fingerprint[:12]}); re-run "
+            f"{fingerprint[:12]} vs {splits.fingerprint[:12]}); re-run "
             f"`fintune baselines --subset {splits.subset} --output-dir {path.parent}`"
         )
     codes = {label: i for i, label in enumerate(LABELS)}
@@ -196,7 +201,7 @@ def compare_with_baselines(
     texts = [ex.text for ex in examples]
     inference = settings.model.inference
     results: dict[str, Any] = {}
-    for name in baselines["models"]:
+    for name in names:
         predicted = list(load_pipeline(path.parent / f"{name}.joblib").predict(texts))
         scores = classification_metrics([ex.label for ex in examples], predicted)
         theirs = np.array([codes[label] for label in predicted])
@@ -254,12 +259,13 @@ def evaluate(model_dir: Path, settings: Settings, subset: str, out_dir: Path, co
         "data": {**splits.describe(), "evaluated_sentences": len(examples), "left_out_seen_in_training": left_out},
         "scored_with": scoring_settings(settings, card),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_classification_artifacts(metrics, out_dir, "model")
-    write_json(out_dir / "metrics.json", {**header, **metrics})
+    # compared first: baselines that cannot be compared with must leave no new file beside an old evaluation's
     comparison = {**header, "model_scores": {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
                                              "latency_p50_ms": metrics["latency_p50_ms"]},
                   **compare_with_baselines(settings, splits, examples, predicted)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_classification_artifacts(metrics, out_dir, "model")
+    write_json(out_dir / "metrics.json", {**header, **metrics})
     write_json(out_dir / "comparison.json", comparison)
     write_plots(metrics, comparison, out_dir, f"{card.get('profile') or model_dir.name}, {splits.subset} test")
     return {"metrics": metrics, "comparison": comparison}
