@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,17 +161,16 @@ def _read_zip(archive: bytes, subset: str, origin: str) -> SourceFile:
     """The subset's file from the bytes of the original release zip."""
     wanted = SUBSET_FILES[subset]
     try:
-        bundle = zipfile.ZipFile(io.BytesIO(archive))
-    except zipfile.BadZipFile as exc:
+        with zipfile.ZipFile(io.BytesIO(archive)) as bundle:
+            members = [name for name in bundle.namelist() if name.rsplit("/", 1)[-1] == wanted]
+            if not members:
+                raise DataFormatError(f"{origin} holds no {wanted}; is it the original FinancialPhraseBank-v1.0.zip?")
+            return SourceFile(subset, bundle.read(members[0]), f"{origin}!{members[0]}")
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:  # damaged, or an odd method
         raise DataFormatError(
-            f"{origin} is not a readable zip ({exc}); download it again, or point FINTUNE_DATA_DIR at a folder "
-            "holding the extracted Sentences_*Agree.txt"
+            f"{origin} is not a readable zip ({type(exc).__name__}: {exc}); download it again, or point "
+            "FINTUNE_DATA_DIR at a folder holding the extracted Sentences_*Agree.txt"
         ) from exc
-    with bundle:
-        members = [name for name in bundle.namelist() if name.rsplit("/", 1)[-1] == wanted]
-        if not members:
-            raise DataFormatError(f"{origin} holds no {wanted}; is it the original FinancialPhraseBank-v1.0.zip?")
-        return SourceFile(subset, bundle.read(members[0]), f"{origin}!{members[0]}")
 
 
 def _read_hub(settings: Settings, subset: str, looked: list[str]) -> SourceFile:

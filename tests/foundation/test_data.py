@@ -43,6 +43,22 @@ def test_a_damaged_release_zip_is_a_data_error_saying_what_to_do(tmp_path: Path)
         load_examples(settings_for(folder), "50agree")
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_a_zip_whose_member_is_damaged_is_a_data_error_too(tmp_path: Path, method: int) -> None:
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    body = "".join(f"Net sales rose {i} % in quarter {i} of the year .@positive\n" for i in range(200)).encode()
+    archive = folder / data.ZIP_NAME
+    with zipfile.ZipFile(archive, "w", compression=method) as bundle:
+        bundle.writestr("FinancialPhraseBank-v1.0/Sentences_AllAgree.txt", body)
+    raw = bytearray(archive.read_bytes())
+    middle = len(raw) // 3  # inside the member's data: the directory still opens, reading it fails
+    raw[middle:middle + 8] = b"\xff" * 8
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(DataFormatError, match=r"not a readable zip \((error|BadZipFile).*download it again"):
+        load_examples(settings_for(folder), "allagree")  # was a zlib.error or BadZipFile (CRC) traceback
+
+
 def test_tolerates_crlf_and_bom(tmp_path: Path) -> None:
     folder = tmp_path / "crlf"
     folder.mkdir()
