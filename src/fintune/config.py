@@ -625,16 +625,33 @@ class ServingSettings(Section):
         return self
 
 
+RAY_ADDRESS = re.compile(r"auto|local|(ray://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}")
+"""The cluster addresses ``scale.address`` accepts (IPv6 hosts in brackets)."""
+
+
 class ScaleSettings(Section):
     """Classification spread over a Ray cluster (``fintune classify --engine ray``), for corpora one process is
     too slow for: each actor is one replica of the offline pipeline, loaded once."""
 
     address: str | None = Field(
         None,
-        description="Ray cluster to join: 'auto' (a cluster started on this machine with `ray start --head`) or "
-        "'ray://HOST:10001' (a remote one). None: start a private Ray instance on this machine for the run. The "
-        "model folder and the output paths must exist at the same path on every node.",
+        description="Ray cluster to join: 'auto' (a cluster started on this machine with `ray start --head`), "
+        "'ray://HOST:10001' (a remote one, through Ray Client) or 'HOST:6379' (a cluster's GCS, from one of its "
+        "nodes). None: start a private Ray instance on this machine for the run. The model folder and the output "
+        "paths must exist at the same path on every node.",
     )
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="How long the cluster at `address` may take to accept a connection before the run "
+        "stops with an error (Ray itself keeps retrying for minutes).",
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _a_ray_address(cls, address: str | None) -> str | None:
+        """Only the forms ``ray.init`` takes: any other (``localhost``) was a ValueError traceback from Ray."""
+        if address is None or RAY_ADDRESS.fullmatch(address):
+            return address
+        raise ValueError(f"must be 'auto', 'ray://HOST:PORT' (a remote cluster) or 'HOST:PORT', not {address!r}")
     actors: int = Field(2, ge=1, description="Pipeline replicas (Ray actors); each loads the model once.")
     cpus_per_actor: float = Field(
         1.0, gt=0, description="CPUs Ray reserves for each actor; Ray also caps the actor's torch threads at it."

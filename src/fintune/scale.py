@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 from collections.abc import Callable, Generator, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -61,8 +62,9 @@ def ray_cluster(settings: ScaleSettings) -> Iterator[None]:
         yield
         return
     try:
+        _check_reachable(settings)
         ray.init(address=settings.address, include_dashboard=False, logging_level=logging.WARNING)
-    except ConnectionError as exc:
+    except (ConnectionError, ValueError) as exc:  # ValueError: Ray's word for a ray:// without ray[client], say
         raise ScaleError(
             f"cannot reach the Ray cluster at {settings.address!r} ({exc}); start one with `ray start --head`, "
             "fix scale.address (FINTUNE_SCALE__ADDRESS), or unset it to run on this machine"
@@ -71,6 +73,19 @@ def ray_cluster(settings: ScaleSettings) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(settings: ScaleSettings) -> None:
+    """ConnectionError unless the cluster at a ``HOST:PORT`` or ``ray://HOST:PORT`` address accepts a connection
+    within ``connect_timeout_s``: ``ray.init`` would retry an unreachable one for minutes."""
+    if settings.address in (None, "auto", "local"):
+        return
+    host, _, port = settings.address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=settings.connect_timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing accepted a connection there within {settings.connect_timeout_s} s: "
+                              f"{exc.strerror or exc}") from exc
 
 
 def classify_on_ray(

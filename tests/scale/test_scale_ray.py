@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -105,14 +106,42 @@ def test_replicas_are_counted_node_by_node(local_ray: None, monkeypatch: pytest.
     assert replica_count(ScaleSettings(actors=8, cpus_per_actor=1)) == 6  # the dead node counts for nothing
 
 
-def test_an_unreachable_cluster_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    def unreachable(**kwargs: object) -> None:  # the edge of the world: no cluster answers at that address
-        raise ConnectionError(f"could not connect to {kwargs['address']}")
+def closed_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", unreachable)
-    with pytest.raises(ScaleError, match="ray start --head"), ray_cluster(ScaleSettings(address="10.0.0.9:6379")):
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_an_unreachable_cluster_says_what_to_do(monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as a fresh process, though this one may hold Ray
+    address = form.format(port=closed_port())
+    started = time.monotonic()  # ray.init retried such an address for minutes, and ray:// lacked ray[client]
+    with pytest.raises(ScaleError, match="nothing accepted a connection.*ray start --head"), \
+            ray_cluster(ScaleSettings(address=address, connect_timeout_s=2.0)):
         pass
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("address", ["localhost", "ray://host", "10.0.0.9", "http://10.0.0.9:6379"])
+def test_an_address_ray_cannot_take_is_refused_by_the_settings(address: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="must be 'auto', 'ray://HOST:PORT'"):  # was Ray's ValueError
+        ScaleSettings(address=address)
+    assert ScaleSettings(address="ray://[::1]:10001").address == "ray://[::1]:10001"
+
+
+def test_the_cli_refuses_a_bad_ray_address_in_one_line(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FINTUNE_OUTPUT_DIR", str(tmp_path / "out"))
+    (tmp_path / "in.txt").write_text("Net sales rose.\n")
+    code = main(["classify", "--engine", "ray", "--ray-address", "localhost", "--input", str(tmp_path / "in.txt"),
+                 "--output", str(tmp_path / "out.jsonl")])
+    err = capfd.readouterr().err
+    assert code == 2 and "error: --ray-address: must be 'auto'" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TextIO
 
 import typer
+from pydantic import ValidationError
 from tqdm import tqdm
 
 from fintune.cli._app import ProfileOption, app, console, err_console, output_file
 from fintune.cli.inputs import read_texts
-from fintune.config import Settings, load_settings
-from fintune.errors import IncompleteRunError, InvalidInputError, ServingError
+from fintune.config import ScaleSettings, Settings, load_settings
+from fintune.errors import ConfigError, IncompleteRunError, InvalidInputError, ServingError
 
 ServedModelOption = Annotated[
     Path | None,
@@ -219,7 +220,15 @@ def _warn_if_untrained(settings: Settings) -> None:
 def _with_scale(settings: Settings, actors: int | None, address: str | None) -> Settings:
     """``settings`` with the command line's Ray options applied."""
     update = {k: v for k, v in (("actors", actors), ("address", address)) if v is not None}
-    return settings.model_copy(update={"scale": settings.scale.model_copy(update=update)}) if update else settings
+    if not update:
+        return settings
+    try:  # validated, as the profile's values are (model_copy would take anything)
+        scale = ScaleSettings.model_validate({**settings.scale.model_dump(), **update})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = {"address": "--ray-address", "actors": "--actors"}.get(str(error["loc"][0]), str(error["loc"][0]))
+        raise ConfigError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from exc
+    return settings.model_copy(update={"scale": scale})
 
 
 def _record_chunks(texts: list[str], settings: Settings, engine: Engine, stack: ExitStack) -> Iterable[list[Any]]:
