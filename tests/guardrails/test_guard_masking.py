@@ -110,6 +110,21 @@ def test_amounts_percentages_years_quarters_and_currencies_survive(guard: PIIGua
     assert (result.pii_detected, result.pii_types, result.pii_count) == (False, [], 0)
 
 
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [  # the phone recognizers took the "(" before a number: "<PHONE_NUMBER>)."
+        ("Investor relations (617-555-0123).", "Investor relations (<PHONE_NUMBER>)."),
+        ("SSN (078-05-1120)", "SSN (<US_SSN>)"),
+        ("card (4111 1111 1111 1111)", "card (<CREDIT_CARD>)"),
+        ("call (617) 555-0123 now", "call <PHONE_NUMBER> now"),  # an area code's brackets are the number's
+        ("tel. +358 (0)9 123 4567.", "tel. <PHONE_NUMBER>."),
+    ],
+)
+def test_brackets_around_a_value_stay_balanced(guard: PIIGuard, text: str, masked: str) -> None:
+    assert guard.redact(text).redacted_text == masked
+    assert guard.redact_batch([text])[0].redacted_text == masked
+
+
 def test_default_entity_set_is_pii_only() -> None:
     entities = set(GuardrailSettings().entities)
     assert entities == set(PII_ENTITIES)

@@ -81,7 +81,7 @@ class PIIGuard:
         if not self.could_hold_pii(prepared):
             return []
         found = self.analyzer.analyze(text=prepared, language=self.settings.language, entities=self.settings.entities)
-        return merge_overlaps(in_original(found, origin))
+        return without_stray_brackets(merge_overlaps(in_original(found, origin)), text)
 
     def detect_batch(self, texts: Sequence[str]) -> list[list[RecognizerResult]]:
         """:meth:`detect` for many texts, running spaCy once over those that could hold PII (``nlp.pipe``)."""
@@ -94,7 +94,8 @@ class PIIGuard:
                 entities=self.settings.entities, batch_size=self.settings.batch_size,
             )
             found = dict(zip(candidates, analysed, strict=True))
-        return [merge_overlaps(in_original(found.get(index, []), prepared[index][1])) for index in range(len(texts))]
+        return [without_stray_brackets(merge_overlaps(in_original(found.get(index, []), prepared[index][1])), text)
+                for index, text in enumerate(texts)]
 
     def redact(self, text: str) -> GuardrailResult:
         """``text`` with every PII span replaced by its type (``<CREDIT_CARD>``), as a :class:`GuardrailResult`."""
@@ -180,6 +181,21 @@ def _plain(match: re.Match[str]) -> str:
     if category == "Nd":
         return str(unicodedata.digit(char))
     return char
+
+
+def without_stray_brackets(spans: list[RecognizerResult], text: str) -> list[RecognizerResult]:
+    """``spans`` less a leading "(" whose ")" they do not hold, and a trailing ")" whose "(" they do not: the
+    phone recognizers take a "(" before any number ("(617-555-0123)"), and masking it left "<PHONE_NUMBER>)"."""
+    trimmed = []
+    for span in spans:
+        start, end = span.start, span.end
+        if text[start:start + 1] == "(" and ")" not in text[start:end]:
+            start += 1
+        if text[end - 1:end] == ")" and "(" not in text[start:end]:
+            end -= 1
+        trimmed.append(span if (start, end) == (span.start, span.end)
+                       else RecognizerResult(span.entity_type, start, end, span.score))
+    return trimmed
 
 
 def merge_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult]:
