@@ -23,6 +23,9 @@ PII_CASES = [
     ("CREDIT_CARD", "Charge card 4111 1111 1111 1111 for USD 499.", "4111 1111 1111 1111"),
     ("CREDIT_CARD", "Amex 3782-822463-10005 paid the fee.", "3782-822463-10005"),
     ("CREDIT_CARD", "Mastercard 2221000000000009 was declined.", "2221000000000009"),
+    ("CREDIT_CARD", "Card number 4000000000000000006 was declined.", "4000000000000000006"),  # 19-digit Visa
+    ("CREDIT_CARD", "Charge card 4000 0000 0000 0000 006 today.", "4000 0000 0000 0000 006"),
+    ("CREDIT_CARD", "UnionPay 6212-3456-7890-1234-7 on file.", "6212-3456-7890-1234-7"),  # 17 digits
     ("EMAIL_ADDRESS", "Mail a.virtanen+ir@ir.example.co.uk today.", "a.virtanen+ir@ir.example.co.uk"),
     ("PHONE_NUMBER", "Call the desk at 201.555.0123 before noon.", "201.555.0123"),
     ("PHONE_NUMBER", "Investor hotline +44 20 7946 0958 is open.", "+44 20 7946 0958"),

@@ -122,6 +122,26 @@ class DottedCardRecognizer(FinancialCreditCardRecognizer):
         )
 
 
+_NOT_AFTER_A_NUMBER = r"(?<!\d)(?<!\d[\-.])"
+_NOT_BEFORE_A_NUMBER = r"(?!\d|[\-.]\d)"
+"""No digit, nor a separator and a digit, on that side: the match is a whole number, not part of a longer one."""
+
+
+class LongCardRecognizer(FinancialCreditCardRecognizer):
+    """Cards of 17 to 19 digits (Visa and UnionPay issue 19, Maestro up to 19), which Presidio's pattern stops
+    short of: unbroken, or four groups of four and the rest; Luhn-checked like every card."""
+
+    PATTERNS = [
+        Pattern("17-19 digits", rf"{_NOT_AFTER_A_NUMBER}\d{{17,19}}{_NOT_BEFORE_A_NUMBER}", 0.3),
+        Pattern("4-4-4-4 and 1-3 more",
+                rf"{_NOT_AFTER_A_NUMBER}\d{{4}}([ \-])\d{{4}}\1\d{{4}}\1\d{{4}}\1\d{{1,3}}{_NOT_BEFORE_A_NUMBER}", 0.3),
+    ]
+
+    def __init__(self, supported_language: str = "en") -> None:
+        """Presidio's card recognizer (context words, Luhn check) with the long-card patterns."""
+        super().__init__(patterns=self.PATTERNS, supported_language=supported_language, name="LongCardRecognizer")
+
+
 class CaseBlindIbanRecognizer(IbanRecognizer):
     """Presidio's IBAN recognizer (format and check digits), also for IBANs typed in lower or mixed case
     ("de89 3704 ...", "gb82 west 1234 ...").
@@ -282,6 +302,7 @@ EVIDENCE: dict[str, Evidence] = {
     "FinancialCreditCardRecognizer": Evidence(min_digits=13),
     "Mastercard2SeriesRecognizer": Evidence(min_digits=16),
     "DottedCardRecognizer": Evidence(min_digits=15),
+    "LongCardRecognizer": Evidence(min_digits=17),
     "OfflineEmailRecognizer": Evidence(characters="@"),
     # both phone recognizers drop matches with fewer than 7 digits (is_plausible, validate_result)
     "FinancialPhoneRecognizer": Evidence(min_digits=FinancialPhoneRecognizer.MIN_DIGITS),
@@ -308,6 +329,7 @@ def all_recognizers(phone_regions: Sequence[str] = ("US",), language: str = "en"
         FinancialCreditCardRecognizer(supported_language=language),
         Mastercard2SeriesRecognizer(supported_language=language),
         DottedCardRecognizer(supported_language=language),
+        LongCardRecognizer(supported_language=language),
         OfflineEmailRecognizer(supported_language=language),
         FinancialPhoneRecognizer(supported_language=language, supported_regions=tuple(phone_regions)),
         ExtraPhoneRecognizer(supported_language=language),
