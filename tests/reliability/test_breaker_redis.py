@@ -230,6 +230,36 @@ def test_without_redis_each_process_keeps_its_own_breaker_until_redis_is_back(
         process.wait(10)
 
 
+def test_what_a_process_saw_during_an_outage_joins_the_shared_record_when_redis_is_back(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = f"test:{uuid.uuid4()}"
+    storage = RedisStorage.from_url(redis_url, key, retry_interval_s=0.0)
+    breaker = CircuitBreaker(storage=storage, failure_threshold=2)
+    other = breaker_on(redis_url, key, failure_threshold=2)  # another worker, whose Redis stays reachable
+    assert breaker.call(lambda: "answer") == "answer"  # the shared record exists: CLOSED, one success
+    reachable = storage.client.pipeline
+
+    def outage(*args: object, **kwargs: object) -> object:  # the edge of the world: this worker loses Redis
+        raise redis.ConnectionError("network partition")
+
+    storage.client.pipeline = outage  # type: ignore[method-assign]
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            breaker.call(failing)
+    assert breaker.state is BreakerState.OPEN  # this process protects itself meanwhile
+    assert other.call(lambda: "answer") == "answer"  # the fleet's record: still CLOSED, a second success
+    storage.client.pipeline = reachable  # type: ignore[method-assign]
+    # the OPEN it reached alone used to be dropped for the fleet's CLOSED
+    with caplog.at_level(logging.WARNING, logger="fintune.reliability.storage"), pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "answer")
+    stored = json.loads(redis.Redis.from_url(redis_url).get(key))
+    assert stored["state"] == "open" and (stored["successes"], stored["failures"]) == (2, 2)  # nothing lost
+    assert stored["transitions"] == {"closed->open": 1}
+    assert other.state is BreakerState.OPEN  # the whole fleet now stays off the failing model
+    assert any("joined the shared one (state open" in r.getMessage() for r in caplog.records)
+
+
 def test_settings_choose_the_redis_storage_and_its_key(redis_url: str) -> None:
     settings = ReliabilitySettings(breaker_storage="redis", redis_url=redis_url)
     breaker = CircuitBreaker.from_settings(settings)

@@ -17,7 +17,8 @@ seconds on the Redis server's clock (``TIME``, read in the lock's round trip): a
 another process, and two machines' wall clocks may disagree by more than a recovery timeout. When Redis cannot be
 reached the storage does not fail the model call: it logs a warning once and keeps a record of its own in memory
 (starting from the last one it saw), trying Redis again every ``retry_interval_s`` (5 s) until it answers; each
-process then protects itself, as with :class:`MemoryStorage`.
+process then protects itself, as with :class:`MemoryStorage`. When Redis answers again, what the process counted
+alone joins the shared record (:func:`merged_after_outage`).
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class RedisStorage:
         self.lock_key = f"{key}:lock"
         self._local = threading.Lock()  # one transaction of this process at a time
         self._fallback = BreakerRecord()  # used, and kept up to date, while Redis cannot be reached
+        self._outage_start: BreakerRecord | None = None  # the fallback as the outage began (what it adds is ours)
         self._reachable = True
         self._retry_at = 0.0  # monotonic time before which an unreachable Redis is not tried again
 
@@ -234,14 +236,21 @@ class RedisStorage:
             if not isinstance(exc, (redis.exceptions.LockError, redis.ConnectionError, redis.TimeoutError)):
                 self._release(token)  # Redis answered with an error after the lock was perhaps taken
             return None
-        if raw is None:
+        outage_start, self._outage_start = self._outage_start, None
+        if raw is None:  # nothing shared yet: this process's record (the outage's included) is the first
             return self._copy(self._fallback), None
         try:
-            return BreakerRecord.from_json(raw), raw.decode() if isinstance(raw, bytes) else raw
+            record = BreakerRecord.from_json(raw)
         except (ValueError, TypeError) as exc:  # not ours, or corrupt: start again rather than fail every call
             log.warning("circuit breaker storage %r: the stored record is unreadable (%s); starting from this "
                         "process's own", self.key, exc)
             return self._copy(self._fallback), None
+        if outage_start is not None:  # Redis is back: what this process saw alone joins the fleet's record
+            record = merged_after_outage(record, self._fallback, outage_start)
+            log.warning("circuit breaker storage %r: this process's record of the outage joined the shared one "
+                        "(state %s, %d calls of its own)", self.key, record.state.value,
+                        self._fallback.calls - outage_start.calls)
+        return record, raw.decode() if isinstance(raw, bytes) else raw
 
     def _acquire_and_get(self, token: str) -> bytes | str | None:
         """``SET lock token NX PX`` and ``GET key`` in one round trip, repeated until the lock is ours or time is up."""
@@ -301,12 +310,38 @@ class RedisStorage:
         import redis
 
         self._retry_at = time.monotonic() + self.retry_interval_s
+        if self._outage_start is None:
+            self._outage_start = self._copy(self._fallback)
         if self._reachable:
             lock_failed = isinstance(exc, redis.exceptions.LockError)  # Redis answered: not a network problem
             cause = "the shared record's lock failed" if lock_failed else "Redis unreachable"
             log.warning("circuit breaker storage %r: %s (%s: %s); this process keeps its own breaker and tries "
                         "Redis again every %s s", self.key, cause, type(exc).__name__, exc, self.retry_interval_s)
             self._reachable = False
+
+
+_COUNTERS = ("calls", "successes", "failures", "slow_calls", "ignored_errors", "rejections")
+_GRAVITY = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+def merged_after_outage(shared: BreakerRecord, own: BreakerRecord, start: BreakerRecord) -> BreakerRecord:
+    """The shared record once Redis answers again, with what this process counted alone since the outage began
+    (``own`` less ``start``) added, and this process's state where it is the graver one: a breaker this process
+    opened during the outage stays open, rather than the fleet's CLOSED record silently dropping it."""
+    merged = RedisStorage._copy(shared)
+    for name in _COUNTERS:
+        setattr(merged, name, getattr(shared, name) + max(0, getattr(own, name) - getattr(start, name)))
+    for key, count in own.transitions.items():
+        added = count - start.transitions.get(key, 0)
+        if added > 0:
+            merged.transitions[key] = merged.transitions.get(key, 0) + added
+    if _GRAVITY[own.state] > _GRAVITY[shared.state]:
+        merged.state, merged.opened_at = own.state, own.opened_at
+        merged.consecutive_failures = own.consecutive_failures
+        merged.trials_admitted = merged.trials_succeeded = 0  # trials start afresh in the new generation
+        merged.trial_starts = []
+        merged.generation = max(shared.generation, own.generation) + 1
+    return merged
 
 
 def storage_from_settings(settings: ReliabilitySettings, name: str, scope: str | None = None) -> BreakerStorage:
