@@ -135,3 +135,15 @@ def _in_flight_request_survives_sigterm(server: Server) -> int:
     server.process.send_signal(signal.SIGTERM)
     thread.join(30)
     return status[0]
+
+
+def test_a_profile_given_as_a_file_is_the_one_every_worker_serves(
+    tmp_path: Path, cache_dir: Path, write_phrasebank: Callable[[Path], Path]
+) -> None:
+    profile = tmp_path / "mytiny.yaml"  # not in configs/: workers looked the name up there and found nothing
+    shipped = (Path(__file__).resolve().parents[2] / "configs" / "tiny-mistral.yaml").read_text()
+    profile.write_text(shipped + "serving:\n  max_text_chars: 50\n")
+    env = server_env(write_phrasebank(tmp_path / "data"), tmp_path / "out", cache_dir)
+    with running_server(env, tmp_path / "server.log", profile=str(profile)) as server:
+        too_long = httpx.post(server.url + "/v1/classify", json={"text": "Net sales rose. " * 5}, timeout=30)
+    assert too_long.status_code == 422 and "50" in too_long.json()["error"]["message"]  # the file's own limit

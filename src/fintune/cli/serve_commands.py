@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from fintune.cli._app import ProfileOption, app, console, err_console, output_file
 from fintune.cli.inputs import read_texts
-from fintune.config import ScaleSettings, Settings, load_settings
+from fintune.config import ScaleSettings, Settings, load_settings, profile_path
 from fintune.errors import ConfigError, IncompleteRunError, InvalidInputError, ServingError
 
 ServedModelOption = Annotated[
@@ -70,7 +70,10 @@ def serve_command(
     s = settings.serving
     host, port, workers = host or s.host, port if port is not None else s.port, workers or s.workers
     ensure_can_listen(host, port)  # before the model loads: minutes with a 7B model, then uvicorn's bind error
-    os.environ["FINTUNE_PROFILE"] = settings.profile  # each worker builds its app from the same profile
+    # each worker builds its app from the same profile file: its path, since a profile given as FILE.yaml is not
+    # in configs/ (the name alone made workers load another file of that name, or none)
+    os.environ["FINTUNE_PROFILE"] = str(profile_path(profile or os.environ.get("FINTUNE_PROFILE")
+                                                     or settings.profile).resolve())
     if model is not None:
         os.environ["FINTUNE_SERVING__MODEL_DIR"] = str(model.resolve())  # ... and serves the same folder
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
