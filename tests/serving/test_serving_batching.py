@@ -93,3 +93,64 @@ def test_stop_finishes_queued_items_and_failures_reach_every_caller() -> None:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+class Gated:
+    """A batch function that holds each batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.batches: list[list[int]] = []
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.gate.wait(10)
+        self.batches.append(items)
+        return [i * 10 for i in items]
+
+
+def test_requests_whose_clients_left_give_their_queue_slots_back() -> None:
+    model = Gated()
+
+    async def scenario() -> int:
+        batcher = MicroBatcher(model, max_batch_size=1, max_wait_ms=0, max_queue=4)
+        await batcher.start()
+        running = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.05)  # item 1 is in the model; the queue is empty
+        gone = [asyncio.create_task(batcher.submit(i)) for i in (2, 3, 4, 5)]
+        await asyncio.sleep(0)
+        assert batcher.depth == 4
+        for task in gone:  # their clients disconnect
+            task.cancel()
+        await asyncio.sleep(0)
+        assert batcher.depth == 0  # was 4: a live request got 503 'queue full' behind nothing
+        live = asyncio.create_task(batcher.submit(9))
+        await asyncio.sleep(0)
+        model.gate.set()
+        result = await live
+        await running
+        await batcher.stop()
+        return result
+
+    assert asyncio.run(scenario()) == 90
+    assert model.batches == [[1], [9]]  # the abandoned items never reached the model
+
+
+def test_retry_after_counts_the_running_batch_before_any_batch_has_ended() -> None:
+    model = Gated()
+
+    async def scenario() -> float:
+        batcher = MicroBatcher(model, max_batch_size=1, max_wait_ms=0, max_queue=2)
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(0))]
+        await asyncio.sleep(0.05)  # item 0 is in the model
+        tasks += [asyncio.create_task(batcher.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(1.2)  # item 0 has been in the model over 1.2 s; items 1 and 2 fill the queue
+        with pytest.raises(ServiceOverloadedError) as refused:
+            await batcher.submit(9)
+        model.gate.set()
+        await asyncio.gather(*tasks)
+        await batcher.stop()
+        return refused.value.retry_after_s
+
+    # three batches (two queued, one running) of at least 1.2 s each; it said 1 s until a batch had ended
+    assert asyncio.run(scenario()) >= 4

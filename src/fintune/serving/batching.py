@@ -29,7 +29,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-@dataclass
+@dataclass(eq=False)  # found in the queue by identity: two requests may send equal texts
 class _Pending(Generic[T, R]):
     """One queued item and the future its request awaits."""
 
@@ -71,6 +71,7 @@ class MicroBatcher(Generic[T, R]):
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self._last_batch_s = 0.0
+        self._running_since: float | None = None  # perf_counter time the running batch started
 
     @property
     def depth(self) -> int:
@@ -109,15 +110,27 @@ class MicroBatcher(Generic[T, R]):
             raise ServiceOverloadedError(len(self._queue), self.max_queue, self.retry_after_s())
         loop = asyncio.get_running_loop()
         pending = [_Pending(item, loop.create_future()) for item in items]
+        for entry in pending:
+            entry.future.add_done_callback(lambda future, entry=entry: self._forget_if_cancelled(entry))
         self._queue.extend(pending)
         assert self._wakeup is not None
         self._wakeup.set()
         return list(await asyncio.gather(*(p.future for p in pending)))
 
+    def _forget_if_cancelled(self, entry: _Pending[T, R]) -> None:
+        """Take a cancelled request's item (its client went away) off the queue: it must not hold a slot that
+        turns live requests away with 503s, nor count in the depth and Retry-After."""
+        if entry.future.cancelled():
+            with contextlib.suppress(ValueError):  # already taken for a batch
+                self._queue.remove(entry)
+
     def retry_after_s(self) -> float:
-        """A whole-second estimate of when the queue will have drained (at least 1)."""
-        batches = math.ceil(max(1, len(self._queue)) / self.max_batch_size)
-        return float(max(1, math.ceil(batches * self._last_batch_s)))
+        """A whole-second estimate of when the queue will have drained (at least 1): its batches and the one now
+        running, each as long as the last one, or as the running one has taken so far when none has ended yet."""
+        running = self._running_since is not None
+        batches = math.ceil(len(self._queue) / self.max_batch_size) + running
+        per_batch = self._last_batch_s or (time.perf_counter() - self._running_since if running else 0.0)
+        return float(max(1, math.ceil(batches * per_batch)))
 
     async def _collect(self) -> None:
         """Form batches and run them, one at a time, until stopped and drained."""
@@ -158,7 +171,7 @@ class MicroBatcher(Generic[T, R]):
     async def _run(self, batch: list[_Pending[T, R]]) -> None:
         """Run ``fn`` on the batch in the worker thread and resolve each caller's future."""
         loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+        started = self._running_since = time.perf_counter()
         try:
             results = await loop.run_in_executor(self._executor, self.fn, [p.item for p in batch])
             if len(results) != len(batch):
@@ -170,6 +183,7 @@ class MicroBatcher(Generic[T, R]):
                     pending.future.set_exception(exc)
             return
         finally:
+            self._running_since = None
             self._record(len(batch), time.perf_counter() - started)
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
