@@ -331,7 +331,9 @@ def test_a_model_answering_nan_everywhere_trips_the_breaker_and_the_baseline_ans
     assert snapshot["fallbacks"] == {"model_error": 5, "breaker_open": 2}
 
 
-def test_an_unexpected_error_is_a_500_the_monitor_counts(serving_settings: Settings, guard: PIIGuard) -> None:
+def test_an_unexpected_error_is_a_500_the_monitor_counts_and_its_request_id_finds_in_the_log(
+    serving_settings: Settings, guard: PIIGuard, caplog: pytest.LogCaptureFixture
+) -> None:
     app = create_app(serving_settings, classifier=KeywordClassifier(), guard=guard,
                      monitor=SystemMonitor(serving_settings.monitoring))
 
@@ -341,10 +343,14 @@ def test_an_unexpected_error_is_a_500_the_monitor_counts(serving_settings: Setti
     with TestClient(app, raise_server_exceptions=False) as test_client:
         wait_ready(test_client)
         app.state.services.classify = broken
-        response = test_client.post("/v1/classify", json={"text": "Net sales rose."})
+        response = test_client.post("/v1/classify", json={"text": "Net sales rose."},
+                                    headers={"X-Request-ID": "abc-1"})
         snapshot = test_client.get("/metrics/json").json()
     assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
     assert snapshot["errors"]["by_type"] == {"internal_error": 1}
+    # "the request id identifies it in the logs": the 500 lacked the header, and no log line held the id
+    assert response.headers["x-request-id"] == response.json()["request_id"] == "abc-1"
+    assert any("unexpected error" in r.getMessage() and "abc-1" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(("path", "body", "builder"), [

@@ -37,7 +37,7 @@ from fintune.serving.model_adapter import BatchClassifier
 from fintune.serving.pipeline import Guard
 from fintune.serving.routers import analyze, classify, health, metrics
 from fintune.serving.schemas import publish_limits
-from fintune.serving.security import BodySizeLimitMiddleware, RequestIdMiddleware
+from fintune.serving.security import REQUEST_ID_HEADER, BodySizeLimitMiddleware, RequestIdMiddleware
 from fintune.serving.service import AUTO, ClassifierSource, ItemFailedError, Services
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,9 @@ def app_from_env() -> FastAPI:
 
 def _error(request: Request, status: int, code: str, message: str, retry_after: float | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
-    """An ErrorResponse; a Retry-After header when retrying makes sense."""
-    headers = dict(headers or {})
+    """An ErrorResponse carrying the request id in its body and header (a 500 is sent from outside the request-id
+    middleware, which adds the header to every other response); a Retry-After header when retrying makes sense."""
+    headers = {**(headers or {}), REQUEST_ID_HEADER: get_request_id(request)}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, int(round(retry_after))))
     body = {"error": {"code": code, "message": message, "retry_after_s": retry_after},
@@ -202,7 +203,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        logger.exception("unexpected error on %s %s (request id %s)", request.method, request.url.path,
+                         get_request_id(request))
         services = getattr(request.app.state, "services", None)
         if services is not None and request.url.path.startswith("/v1/"):  # a failed classification, not /metrics
             started = getattr(request.state, "started_at", None)
