@@ -112,6 +112,38 @@ def test_analyze_reports_failed_sentences_and_fails_when_none_is_classified(
     assert none.status_code == 502 and none.json()["error"]["code"] == "invalid_label"  # not 200 "neutral"
 
 
+def test_an_analyze_the_guard_fails_on_is_a_server_error_the_monitor_counts(
+    serving_settings: Settings, guard: PIIGuard
+) -> None:
+    class GuardDown:
+        def __init__(self, real: PIIGuard) -> None:
+            self.real = real
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def detect(self, text: str) -> list:
+            raise RuntimeError("guard down")
+
+    with make_client(serving_settings, GuardDown(guard)) as test_client:  # type: ignore[arg-type]
+        wait_ready(test_client)
+        response = test_client.post("/v1/analyze", json={"text": "Net sales rose. Profit fell."})
+        errors = test_client.get("/metrics/json").json()["errors"]
+    assert response.status_code == 500 and response.json()["error"]["code"] == "guardrail_failed"
+    assert errors["by_type"] == {"guardrail_failed": 1}  # was {}: an analyze-only service looked healthy
+
+
+def test_a_document_over_the_limit_by_its_pieces_says_so(serving_settings: Settings, guard: PIIGuard) -> None:
+    serving = serving_settings.serving.model_copy(update={"max_document_sentences": 4, "max_text_chars": 60})
+    with make_client(serving_settings.model_copy(update={"serving": serving}), guard) as test_client:
+        wait_ready(test_client)
+        long = " ".join(["profit"] * 20) + "."  # 140 characters: three pieces
+        response = test_client.post("/v1/analyze", json={"text": f"Net sales rose. Profit fell. {long}"})
+    assert response.status_code == 422  # 3 sentences: 'document has 5 sentences' named a count it did not hold
+    assert "5 texts to classify (3 of them pieces of sentences over serving.max_text_chars" in (
+        response.json()["error"]["message"])
+
+
 def test_analyze_rejects_bad_characters_with_their_position_in_the_document(client: TestClient) -> None:
     surrogate = client.post("/v1/analyze", content=b'{"text": "Sales rose. Profit \\ud800 fell."}',
                             headers={"content-type": "application/json"})

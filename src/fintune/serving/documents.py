@@ -56,8 +56,11 @@ def split_sentences(document: str) -> list[str]:
     return sentences
 
 
-def check_document(document: str, max_chars: int, max_sentences: int, sentences: Sequence[str]) -> None:
-    """InvalidInputError when the document is empty, too long or has too many sentences."""
+def check_document(
+    document: str, max_chars: int, max_sentences: int, sentences: Sequence[str], pieces: int = 0
+) -> None:
+    """InvalidInputError when the document is empty, too long or has too many sentences; ``pieces`` of the
+    ``sentences`` are pieces of over-long ones, each a text to classify (and a queue slot) of its own."""
     if is_blank(document):
         raise InvalidInputError("text is empty or only whitespace or invisible characters: send the document's text")
     if len(document) > max_chars:
@@ -66,8 +69,10 @@ def check_document(document: str, max_chars: int, max_sentences: int, sentences:
             "(serving.max_document_chars): send it in sections"
         )
     if len(sentences) > max_sentences:
+        counted = (f"{len(sentences)} texts to classify ({pieces} of them pieces of sentences over "
+                   "serving.max_text_chars, which count once per piece)" if pieces else f"{len(sentences)} sentences")
         raise InvalidInputError(
-            f"document has {len(sentences)} sentences, more than the limit of {max_sentences} "
+            f"document has {counted}, more than the limit of {max_sentences} "
             "(serving.max_document_sentences): send it in sections"
         )
 

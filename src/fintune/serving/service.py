@@ -232,12 +232,16 @@ class Services:
         if len(document) > s.max_document_chars or documents.is_blank(document):
             documents.check_document(document, s.max_document_chars, s.max_document_sentences, [])
         check_characters(document, "document")  # positions in the document; spaCy never sees a lone surrogate
-        masked, masks = await asyncio.to_thread(_mask_document, pipeline, document)
-        sentences = await asyncio.to_thread(documents.split_sentences, masked)
-        documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
-        pieces = await asyncio.to_thread(_fit_sentences, pipeline, sentences, s.max_text_chars)
+        try:
+            masked, masks = await asyncio.to_thread(_mask_document, pipeline, document)
+            sentences = await asyncio.to_thread(documents.split_sentences, masked)
+            documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
+            pieces = await asyncio.to_thread(_fit_sentences, pipeline, sentences, s.max_text_chars)
+        except ItemFailedError as exc:  # the guard failed: a server error the monitor counts, as for classify
+            pipeline.record(ItemOutcome(error=exc.error), time.perf_counter() - started)
+            raise
         sentences, cut = [text for text, _ in pieces], [was_cut for _, was_cut in pieces]
-        documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences)
+        documents.check_document(document, s.max_document_chars, s.max_document_sentences, sentences, sum(cut))
         for sentence in sentences:
             pipeline.validate(sentence)
         outcomes = await self._submit(sentences, started)
