@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -361,6 +362,21 @@ def test_a_model_answering_nan_everywhere_trips_the_breaker_and_the_baseline_ans
     assert all(a.status_code == 200 and a.json()["degraded"] for a in answers), answers[0].text
     assert snapshot["serving"]["breaker"]["state"] == "open"
     assert snapshot["fallbacks"] == {"model_error": 5, "breaker_open": 2}
+
+
+def test_a_damaged_baseline_file_leaves_the_service_up_without_a_fallback(
+    serving_settings: Settings, guard: PIIGuard, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    truncated = tmp_path / "linear_svc.joblib"
+    truncated.write_bytes(b"\x80\x04\x95")  # a copy cut short: unpickling raises struct.error (or EOFError)
+    settings = with_serving(serving_settings, baseline_path=truncated)
+    with make_client(settings, guard) as test_client:  # the app's startup used to die of it
+        wait_ready(test_client)
+        answered = test_client.post("/v1/classify", json={"text": "Net sales rose."})
+        ready = test_client.get("/readyz").json()
+    assert answered.status_code == 200 and not answered.json()["degraded"]
+    assert ready["degraded_available"] is False
+    assert any("degraded mode unavailable" in r.getMessage() for r in caplog.records)
 
 
 def test_an_unexpected_error_is_a_500_the_monitor_counts_and_its_request_id_finds_in_the_log(
