@@ -76,6 +76,8 @@ def test_resumes_from_its_last_checkpoint(tiny_settings: Settings, tmp_path: Pat
     resumed = train(tiny_settings, output_dir=out, max_steps=2, splits=splits)
     assert resumed.card["resumed"] is True
     assert resumed.card["global_steps"] == 2
+    assert resumed.card["resumed_from_step"] == 1  # its wall time covers step 2 only, and the card says so
+    assert "s (this session only: resumed from step 1) |" in (out / "README.md").read_text()
     state = json.loads((out / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
     logged = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
     assert len(logged) == 2 and resumed.card["train_loss"] == round(sum(logged) / 2, 4)  # both calls' steps
@@ -237,3 +239,17 @@ def test_the_attention_setting_picks_the_kernel_and_not_the_scores(tiny_settings
         with torch.inference_mode():
             logits[attention] = model(input_ids=ids).logits.float()
     torch.testing.assert_close(logits["eager"], logits["sdpa"], rtol=2e-2, atol=2e-2)
+
+
+def test_a_checkpoint_the_run_was_killed_while_saving_is_not_resumed_from(
+    tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    splits = load_splits(tiny_settings)
+    finished = train(tiny_settings, max_steps=2, splits=splits)
+    out = tmp_path / "killed"  # killed while saving checkpoint-2: its adapter is there, its trainer state not yet
+    shutil.copytree(finished.output_dir / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").unlink()
+    assert last_checkpoint(out) == out / "checkpoints" / "checkpoint-1"
+    resumed = train(tiny_settings, output_dir=out, max_steps=2, splits=splits)  # was FileNotFoundError
+    assert resumed.card["resumed_from_step"] == 1 and resumed.card["global_steps"] == 2
+    assert any("checkpoint-2 is incomplete" in r.getMessage() for r in caplog.records)

@@ -194,8 +194,9 @@ def train(
         "epochs": round(float(trainer.state.epoch or 0.0), 4),
         "train_loss": round(run_mean_loss(trainer.state.log_history, session_loss, resumed_from,
                                           trainer.state.global_step), 4),
-        "train_seconds": round(train_seconds, 1),
+        "train_seconds": round(train_seconds, 1),  # this session's: a resumed run's earlier ones are not known
         "resumed": resume,
+        "resumed_from_step": resumed_from if checkpoint else None,
         "validation": validation,
         "calibration": calibration,
         "complete": True,
@@ -238,10 +239,18 @@ def resume_or_record_run(out: Path, identity: dict[str, Any]) -> bool:
     return True
 
 
+TRAINER_STATE = "trainer_state.json"
+
+
 def last_checkpoint(out: Path) -> Path | None:
-    """The newest ``checkpoint-N`` folder of a run, if any."""
+    """The newest complete ``checkpoint-N`` folder of a run, if any. transformers writes ``trainer_state.json``
+    last: a folder without it is a save the run was killed in, skipped (resuming from it was a traceback)."""
     folders = [p for p in (out / CHECKPOINT_DIR).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(folders, key=checkpoint_step, default=None)
+    complete = [p for p in folders if (p / TRAINER_STATE).is_file()]
+    for folder in sorted(set(folders) - set(complete), key=checkpoint_step):
+        logger.warning("checkpoint %s is incomplete (no %s: the run stopped while saving it); not resumed from",
+                       folder, TRAINER_STATE)
+    return max(complete, key=checkpoint_step, default=None)
 
 
 def planned_steps(trainer: SFTTrainer) -> int:
@@ -310,7 +319,7 @@ def model_card(card: dict[str, Any]) -> str:
             f"| memory footprint | {card['memory_footprint_bytes'] / 2**20:.1f} MiB |",
             f"| steps / epochs | {card['global_steps']} / {card['epochs']} |",
             f"| training loss | {card['train_loss']} |",
-            f"| wall time | {card['train_seconds']} s |",
+            f"| wall time | {card['train_seconds']} s{_session_note(card)} |",
             f"| validation ({validation['sentences']} sentences) | accuracy {validation['accuracy']}, "
             f"macro-F1 {validation['macro_f1']} |",
             *_calibration_row(card.get("calibration")),
@@ -319,6 +328,12 @@ def model_card(card: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def _session_note(card: dict[str, Any]) -> str:
+    """What the wall time covers when the run was resumed: only the last session, which read as the whole run."""
+    step = card.get("resumed_from_step")
+    return f" (this session only: resumed from step {step})" if step is not None else ""
 
 
 def _calibration_row(calibration: dict[str, Any] | None) -> list[str]:
