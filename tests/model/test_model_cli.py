@@ -50,6 +50,15 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     refitted = json.loads((model_dir / "fintune.json").read_text())["calibration"]
     assert refitted["temperature"] == pytest.approx(fitted, rel=0.01)
     assert refitted["sentences"] == 5  # on the sentences training calibrated on (training.validation_limit)
+    card = json.loads((model_dir / "fintune.json").read_text())
+    card["calibration"]["temperature"] = 0  # an edited or damaged card: every probability came out NaN, silently
+    (model_dir / "fintune.json").write_text(json.dumps(card))
+    assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 2
+    assert "calibration.temperature is 0, not a number above 0: refit it with `fintune calibrate" in (
+        capsys.readouterr().err)
+    assert main(["calibrate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 0  # which mends it
+    assert json.loads((model_dir / "fintune.json").read_text())["calibration"]["temperature"] == pytest.approx(
+        fitted, rel=0.01)
     readme = (model_dir / "README.md").read_text()  # follows the card
     assert f"temperature {refitted['temperature']:.3f}, validation ECE {refitted['ece_before']} -> " in readme
 

@@ -149,7 +149,7 @@ def calibrate_command(
     """
     from fintune.evaluation import write_json
     from fintune.model.assessment import load_classifier
-    from fintune.model.calibration import calibrate
+    from fintune.model.calibration import calibrate, card_temperature
     from fintune.model.card import CARD_FILE
 
     card = read_card(model)
@@ -161,6 +161,11 @@ def calibrate_command(
             f"{model} was trained on data with fingerprint {trained_on[:16]}, but {splits.subset} here has "
             f"{splits.fingerprint[:16]}: its validation split is not here; calibrate it where it was trained"
         )
+    try:
+        card_temperature(card)
+    except ArtifactError:  # refit from 1.0: loading with the recorded one (0, NaN) would refuse the model
+        card = {key: value for key, value in card.items() if key != "calibration"}
+        write_json(model / CARD_FILE, card)
     classifier = load_classifier(model, settings)
     qlora = card.get("backend", "qlora") == "qlora"
     # the sentences `fintune train` calibrated on: the QLoRA trainer honours the validation_limit it trained with

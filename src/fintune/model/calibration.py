@@ -10,6 +10,7 @@ it says. Light: numpy and scipy only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from scipy.optimize import minimize_scalar
 from fintune import LABELS
 from fintune.config import InferenceSettings
 from fintune.data import Example
+from fintune.errors import ArtifactError
 from fintune.evaluation import classification_metrics, write_json
 from fintune.monitoring.drift import save_drift_baseline
 
@@ -140,5 +142,14 @@ def score_validation(
 
 
 def card_temperature(card: dict[str, Any]) -> float:
-    """The temperature a model card records (1.0, no scaling, for models trained before calibration)."""
-    return float((card.get("calibration") or {}).get("temperature", 1.0))
+    """The temperature a model card records (1.0, no scaling, for models trained before calibration);
+    ArtifactError for one no fit gives (not a finite number above 0), which made every probability NaN."""
+    recorded = (card.get("calibration") or {}).get("temperature", 1.0)
+    try:
+        temperature = float(recorded)
+    except (TypeError, ValueError):
+        temperature = math.nan
+    if isinstance(recorded, bool) or not math.isfinite(temperature) or temperature <= 0:
+        raise ArtifactError(f"the model card's calibration.temperature is {recorded!r}, not a number above 0: "
+                            "refit it with `fintune calibrate --model <folder>`")
+    return temperature
