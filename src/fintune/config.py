@@ -165,7 +165,8 @@ class InferenceSettings(Section):
         description="Padded batches only (`packing: false`): a sentence shorter than this share of its batch's "
         "longest starts a new batch (less padding). "
         "On random 16-sentence groups of the 50agree test split (the service's micro-batches), 0.65 scored "
-        "26.0 ms a sentence against 33.9 ms for one padded batch (benchmarks/results/model_inference_cpu.json; "
+        "24.6 ms a sentence against 33.5 ms for one padded batch (benchmarks/results/model_inference_cpu.json, "
+        "nf4_bf16.mixed_groups; "
         "0: never split).",
     )
     packing: bool = Field(
