@@ -176,3 +176,12 @@ def test_classify_serves_the_model_folder_it_is_given(
     record = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     assert record["model"]["version"] == card_version(folder) and record["degraded"] is False
     assert card_version(folder).startswith("trained-20") and str(folder) not in json.dumps(record)
+    # without --profile: the one it was trained with, as evaluate and calibrate do (was the default, cpu, whose
+    # name, SmolLM2, every record then gave to the encoder)
+    encoder = load_settings("encoder").model.base_model
+    assert main(["classify", "--model", str(folder), "Sales rose 5 %."]) == 0
+    record = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert (record["model"]["profile"], record["model"]["name"]) == ("encoder", encoder)
+    assert main(["classify", "--profile", "cpu", "--model", str(folder), "Sales rose 5 %."]) == 0
+    record = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    assert (record["model"]["profile"], record["model"]["name"]) == ("encoder", encoder)  # named by its card

@@ -37,6 +37,15 @@ ProfileOption = Annotated[
 ]
 """The ``--profile`` option every command that reads settings takes."""
 
+ServedProfileOption = Annotated[
+    str | None,
+    typer.Option(
+        "--profile", "-p", help="Profile name in configs/ or path to a .yaml file (default: FINTUNE_PROFILE, else with "
+        "--model the profile the model was trained with, named in its fintune.json, else 'cpu').",
+    ),
+]
+"""``--profile`` of the commands that serve a model (serve, classify)."""
+
 ModelProfileOption = Annotated[
     str | None,
     typer.Option(

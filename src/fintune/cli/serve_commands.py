@@ -23,9 +23,9 @@ import typer
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from fintune.cli._app import ProfileOption, app, console, err_console, output_file
+from fintune.cli._app import ServedProfileOption, app, console, err_console, output_file
 from fintune.cli.inputs import read_texts
-from fintune.config import ScaleSettings, Settings, load_settings, profile_path
+from fintune.config import ScaleSettings, Settings, available_profiles, load_settings, profile_path
 from fintune.errors import ConfigError, IncompleteRunError, InvalidInputError, ServingError
 
 ServedModelOption = Annotated[
@@ -39,21 +39,28 @@ ServedModelOption = Annotated[
 
 def settings_with_model(profile: str | None, model: Path | None) -> Settings:
     """The profile's settings, serving ``model`` when given; the folder served (``model``, or ``serving.model_dir``
-    from the profile or the environment) must hold a trained model."""
+    from the profile or the environment) must hold a trained model. With ``model`` and no profile named (here or
+    in FINTUNE_PROFILE), the profile the model was trained with, as evaluate and calibrate take it: the default
+    one would score an encoder or a tiny-mistral folder with another model's inference settings and answer with
+    another model's name."""
     from fintune.model.card import read_card
 
-    settings = load_settings(profile)
     if model is None:
+        settings = load_settings(profile)
         if settings.serving.model_dir is not None:  # a mistyped FINTUNE_SERVING__MODEL_DIR must not serve noise
             read_card(settings.serving.model_dir)
         return settings
-    read_card(model)  # ArtifactError, with what to do, before anything slow starts
+    card = read_card(model)  # ArtifactError, with what to do, before anything slow starts
+    trained_with = card.get("profile")
+    if profile is None and not os.environ.get("FINTUNE_PROFILE") and trained_with in available_profiles():
+        profile = trained_with
+    settings = load_settings(profile)
     return settings.model_copy(update={"serving": settings.serving.model_copy(update={"model_dir": model})})
 
 
 @app.command("serve")
 def serve_command(
-    profile: ProfileOption = None,
+    profile: ServedProfileOption = None,
     model: ServedModelOption = None,
     host: Annotated[str | None, typer.Option(help="Interface to bind (default: serving.host, 127.0.0.1).")] = None,
     port: Annotated[
@@ -129,7 +136,7 @@ def classify_command(
         Path | None, typer.Option("--output", "-o", help="Where to write JSONL (default: stdout).")
     ] = None,
     text_column: Annotated[str, typer.Option(help="Column / key holding the text in .csv and .jsonl.")] = "text",
-    profile: ProfileOption = None,
+    profile: ServedProfileOption = None,
     model: ServedModelOption = None,
     engine: Annotated[
         Engine,

@@ -27,7 +27,7 @@ import numpy as np
 from fintune import LABELS
 from fintune.config import FaultInjectionSettings, Settings
 from fintune.errors import ArtifactError
-from fintune.model.card import CARD_FILE, card_version, default_model_dir
+from fintune.model.card import CARD_FILE, card_version, default_model_dir, read_card
 
 logger = logging.getLogger(__name__)
 
@@ -157,9 +157,11 @@ def load_classifier(settings: Settings) -> BatchClassifier:
     if (folder / CARD_FILE).is_file():
         from fintune.model.assessment import load_classifier as load_trained
 
-        version = card_version(folder)
+        card, version = read_card(folder), card_version(folder)
         logger.info("serving the trained model in %s as version %s", folder, version)
-        return ProbaClassifierAdapter(load_trained(folder, settings), name, settings.profile, version)
+        # named as its card says: a folder served under another profile is still the model it was trained as
+        return ProbaClassifierAdapter(load_trained(folder, settings), card.get("base_model") or name,
+                                      card.get("profile") or settings.profile, version)
     if settings.serving.model_dir is not None:  # asked for by name: never stand in an untrained model
         raise ArtifactError(
             f"serving.model_dir {folder} holds no trained model ({CARD_FILE} missing): point it at a folder "
