@@ -43,9 +43,19 @@ texts = ["Net sales increased by 5 % .", "Operating profit fell .", "The company
 exact = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", fp32)
 fast = EncoderClassifier.from_pretrained(Path(sys.argv[2]) / "encoder", bf16)
 gap = float(abs(exact.predict_proba(texts) - fast.predict_proba(texts)).max())
+import shutil
+from fintune.errors import ArtifactError
+broken = Path(sys.argv[2]) / "broken"
+shutil.copytree(Path(sys.argv[2]) / "encoder", broken)
+(broken / "model.safetensors").unlink()
+try:
+    EncoderClassifier.from_pretrained(broken, settings)
+    missing = None
+except ArtifactError as exc:
+    missing = str(exc)
 loaded = [m for m in ("bitsandbytes", "peft", "trl") if sys.modules.get(m) is not None]
 print(json.dumps({"labels": labels, "steps": card["global_steps"], "epoch_steps": epoch_steps, "heavy": loaded,
-                  "bf16_gap": gap,
+                  "bf16_gap": gap, "missing": missing,
                   "distilled": card["distillation"]["teacher_profile"],
                   "dtypes": [str(exact.model.dtype), str(fast.model.dtype)],
                   "temperatures": [card["calibration"]["temperature"], reloaded.temperature]}))
@@ -61,6 +71,7 @@ def test_encoder_runs_without_bitsandbytes_peft_or_trl(tiny_data_dir: Path, tmp_
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["heavy"] == []
+    assert "has a card but no model.safetensors or pytorch_model.bin" in result["missing"]  # was an OSError
     assert result["steps"] == result["epoch_steps"] + 1  # --max-steps is exact, past the profile's epochs too
     assert result["distilled"] == "cpu"  # a teacher's probabilities need no QLoRA stack
     assert set(result["labels"]) <= {"negative", "neutral", "positive"} and len(result["labels"]) == 2

@@ -128,9 +128,20 @@ def test_run_mean_loss_weights_the_logged_intervals_before_a_resume() -> None:
     assert run_mean_loss(history, 0.5, resumed_from=0, global_step=30) == 0.5  # not resumed: transformers' figure
 
 
-def test_loading_a_folder_without_an_adapter_says_what_to_do(tiny_settings: Settings) -> None:
+def test_loading_a_folder_without_an_adapter_says_what_to_do(tiny_settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="fintune train"):
         SentimentClassifier.from_pretrained(tiny_settings.output_dir, tiny_settings)
+    trained = train(tiny_settings, max_steps=1, splits=load_splits(tiny_settings)).output_dir
+    missing, truncated = tmp_path / "missing", tmp_path / "truncated"
+    for folder in (missing, truncated):
+        shutil.copytree(trained, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    (missing / "adapter_model.safetensors").unlink()  # was LocalEntryNotFoundError, or a hub lookup of the path
+    with pytest.raises(ArtifactError, match="has a card but no adapter_model.safetensors or adapter_model.bin"):
+        SentimentClassifier.from_pretrained(missing, tiny_settings)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # was a SafetensorError traceback
+    with pytest.raises(ArtifactError, match="weights in .* are unreadable .*retrain"):
+        SentimentClassifier.from_pretrained(truncated, tiny_settings)
 
 
 def test_label_only_head_equals_the_full_head_and_a_wrong_head_is_caught(tiny_settings: Settings) -> None:

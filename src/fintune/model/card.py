@@ -32,6 +32,28 @@ def read_card(model_dir: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is unreadable ({exc}); retrain the model") from exc
 
 
+WEIGHT_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
+    "qlora": (("adapter_config.json",), ("adapter_model.safetensors", "adapter_model.bin")),
+    "encoder": (("config.json",), ("model.safetensors", "pytorch_model.bin")),
+}
+"""Per backend, the files a trained folder holds beside its card (one of each group)."""
+
+
+def check_weights(model_dir: Path, backend: str) -> None:
+    """ArtifactError naming the first weight file ``model_dir`` lacks: loading without it was a traceback, or,
+    with the hub reachable, a hub lookup of the folder's name as if it were a repository."""
+    for group in WEIGHT_FILES[backend]:
+        if not any((Path(model_dir) / name).is_file() for name in group):
+            raise ArtifactError(f"{model_dir} has a card but no {' or '.join(group)}: its training did not finish or "
+                                "the file was removed; retrain it (`fintune train ... --overwrite`)")
+
+
+def unreadable_weights(model_dir: Path, exc: BaseException) -> ArtifactError:
+    """The error for weight files that are there but cannot be read (truncated, of another format)."""
+    return ArtifactError(f"the trained weights in {model_dir} are unreadable ({type(exc).__name__}: {exc}); "
+                         "retrain the model (`fintune train ... --overwrite`)")
+
+
 def card_version(model_dir: Path) -> str:
     """A trained model's version as clients may see it: ``trained-<date>-<hash of its card>``.
 

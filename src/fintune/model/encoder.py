@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -33,7 +34,7 @@ from fintune.errors import ModelError
 from fintune.evaluation import write_json
 from fintune.model.buckets import length_buckets
 from fintune.model.calibration import card_temperature, score_validation
-from fintune.model.card import CARD_FILE, read_card
+from fintune.model.card import CARD_FILE, check_weights, read_card, unreadable_weights
 from fintune.model.distillation import TeacherTargets, teacher_folder, teacher_targets
 from fintune.model.plots import plot_loss_curve
 from fintune.model.precision import resolve_dtype
@@ -92,12 +93,17 @@ class EncoderClassifier:
     def from_pretrained(cls, model_dir: Path, settings: Settings) -> EncoderClassifier:
         """A fine-tuned encoder saved by :func:`train_encoder`."""
         card = read_card(model_dir)
+        check_weights(model_dir, "encoder")
+        temperature = card_temperature(card)
         encoder = settings.model.encoder
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), dtype=resolve_dtype(encoder.inference_dtype)
-        )
-        return cls(model, tokenizer, encoder, card_temperature(card))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), dtype=resolve_dtype(encoder.inference_dtype), local_files_only=True
+            )
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise unreadable_weights(model_dir, exc) from exc
+        return cls(model, tokenizer, encoder, temperature)
 
     def save(self, out: Path) -> None:
         """Write weights and tokenizer to ``out``."""

@@ -38,13 +38,14 @@ import numpy as np
 import torch
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
+from safetensors import SafetensorError
 
 from fintune import LABELS
 from fintune.config import InferenceSettings, ModelSettings, Settings
 from fintune.errors import ModelError
 from fintune.model.buckets import length_buckets
 from fintune.model.calibration import card_temperature
-from fintune.model.card import read_card
+from fintune.model.card import check_weights, read_card, unreadable_weights
 from fintune.model.loading import load_tokenizer, resolve_base
 from fintune.model.packing import PackedBatch, enable_packing, pack_groups
 from fintune.model.precision import resolve_dtype
@@ -112,17 +113,21 @@ class SentimentClassifier:
     ) -> SentimentClassifier:
         """Load a trained adapter folder (written by ``fintune train``) onto its NF4 base."""
         card = read_card(model_dir)
+        check_weights(model_dir, "qlora")
+        temperature = card_temperature(card)
         model_settings = ModelSettings.model_validate(card["model_settings"])
         inference = settings.model.inference
         merge = inference.merge_adapter if merge is None else merge
         base = load_base(resolve_base(model_settings, settings.cache_dir), model_settings)
         base = prepare_base(base, model_settings, inference, merge)
-        # keep the adapter in the dtype it was trained in (TRL trains QLoRA adapters in bf16)
-        model = PeftModel.from_pretrained(base, str(model_dir), autocast_adapter_dtype=False)
+        try:  # keep the adapter in the dtype it was trained in (TRL trains QLoRA adapters in bf16)
+            model = PeftModel.from_pretrained(base, str(model_dir), autocast_adapter_dtype=False)
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise unreadable_weights(model_dir, exc) from exc
         if merge:
             model = merge_adapter_in_fp32(model, resolve_dtype(inference.dtype))
         tokenizer = load_tokenizer(str(model_dir))
-        return cls(model, tokenizer, model_settings.training.prompt_template, inference, card_temperature(card))
+        return cls(model, tokenizer, model_settings.training.prompt_template, inference, temperature)
 
     @property
     def uses_label_head(self) -> bool:
