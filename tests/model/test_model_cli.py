@@ -142,7 +142,9 @@ def test_evaluate_a_folder_without_a_model_is_one_error_line(tiny_env: Path, cap
 
 def test_overwrite_also_clears_an_interrupted_run(tiny_env: Path, capsys: pytest.CaptureFixture) -> None:
     model_dir = tiny_env / "interrupted"
-    (model_dir / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # left by a run of unknown settings
+    left = model_dir / "checkpoints" / "checkpoint-1"  # left by a run of unknown settings
+    left.mkdir(parents=True)
+    (left / "trainer_state.json").write_text("{}")  # complete: an incomplete one is skipped, not refused
     args = ["train", "--profile", "tiny-mistral", "--output-dir", str(model_dir), "--max-steps", "1"]
     assert main(args) == 2
     assert "checkpoints of another run" in capsys.readouterr().err
