@@ -196,10 +196,9 @@ def _not_found(looked: list[str], settings: Settings, reason: str = "") -> DataN
     """One error that says where we looked and how to fix it."""
     places = "; ".join(looked)
     why = f" (hub: {reason})" if reason else ""
-    hint = (
-        "set FINTUNE_DATA_DIR (or data_dir in the profile) to a folder holding Sentences_*Agree.txt or "
-        f"{ZIP_NAME}, or allow the download from hf://datasets/{settings.data.hub_repo_id} with internet access"
-    )
+    hint = f"set FINTUNE_DATA_DIR (or data_dir in the profile) to a folder holding Sentences_*Agree.txt or {ZIP_NAME}"
+    if settings.data_dir is None:  # a data_dir that is set is the only place looked in: no download is tried
+        hint += f", or allow the download from hf://datasets/{settings.data.hub_repo_id} with internet access"
     return DataNotFoundError(f"Financial PhraseBank not found; looked in: {places}{why}. Fix: {hint}.")
 
 

@@ -102,8 +102,10 @@ def test_missing_data_directory_says_how_to_fix(tmp_path: Path) -> None:
 
 
 def test_folder_without_files_lists_where_it_looked(tmp_path: Path) -> None:
-    with pytest.raises(DataNotFoundError, match=r"looked in: .*Sentences_50Agree\.txt.*FinancialPhraseBank-v1\.0\.zip"):
+    looked = r"looked in: .*Sentences_50Agree\.txt.*FinancialPhraseBank-v1\.0\.zip"
+    with pytest.raises(DataNotFoundError, match=looked) as caught:
         load_examples(settings_for(tmp_path))
+    assert "download" not in str(caught.value)  # a data_dir that is set is the only place looked in
 
 
 def test_no_local_copy_and_no_hub_gives_one_clear_error(
@@ -117,6 +119,7 @@ def test_no_local_copy_and_no_hub_gives_one_clear_error(
     message = str(caught.value)
     assert "hf://datasets/takala/financial_phrasebank/data/FinancialPhraseBank-v1.0.zip" in message
     assert "FINTUNE_DATA_DIR" in message and str(tmp_path / "absent") in message
+    assert "allow the download" in message  # no data_dir: the hub is one of the places, so this is a fix
 
 
 def test_reads_the_original_release_zip(tmp_path: Path, tiny_data_dir: Path) -> None:

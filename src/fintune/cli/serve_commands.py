@@ -150,7 +150,8 @@ def classify_command(
     ] = None,
     ray_address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster with --engine ray: 'auto' or 'ray://HOST:10001' (default: scale.address)."),
+        typer.Option(help="Ray cluster with --engine ray: 'auto', 'ray://HOST:10001' or 'HOST:6379' "
+                     "(default: scale.address)."),
     ] = None,
 ) -> None:
     """Classify offline through the service's pipeline (guard, breaker, model, checks), writing JSONL.

@@ -9,7 +9,7 @@ Public API (the serving layer wires these in)::
     monitor.record(latency_s=0.12, label="positive")        # or error=exc
     monitor.record_pii("EMAIL_ADDRESS"); monitor.record_fallback("encoder")
     monitor.on_drift(hook)                                  # once per drift episode
-    monitor.snapshot()                                      # the /metrics JSON
+    monitor.snapshot()                                      # the /metrics/json JSON
     monitor.prometheus_registry                             # prometheus_client CollectorRegistry
 
     save_drift_baseline(model_dir, validation_predictions, labels)   # training writes drift_baseline.json

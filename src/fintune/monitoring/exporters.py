@@ -1,4 +1,4 @@
-"""Exports of the SystemMonitor: a ``prometheus_client`` registry and the JSON snapshot served at ``/metrics``.
+"""Exports of the SystemMonitor: a ``prometheus_client`` registry and the JSON snapshot served at ``/metrics/json``.
 
 :class:`PrometheusMetrics` owns its own ``CollectorRegistry`` (never the global default, so tests and several
 monitors do not collide) with:
