@@ -166,3 +166,23 @@ def test_settings_mask_the_redis_password(capfd: pytest.CaptureFixture[str], mon
     monkeypatch.setenv("FINTUNE_RELIABILITY__REDIS_URL", "redis://ops:hunter2@redis.internal:6380/1")
     code, out, _ = run_cli(capfd, "settings")
     assert code == 0 and "redis://ops:****@redis.internal:6380/1" in out and "hunter2" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [  # rich read these as markup: a MarkupError traceback, and a path missing its "[final]"
+        (["data", "--subset", "[/a]"], "error: unknown subset '[/a]'"),
+        (["classify", "--input", "/tmp/calls [final].csv"], "error: input file /tmp/calls [final].csv does not exist"),
+    ],
+)
+def test_an_error_line_shows_the_value_exactly_as_given(
+    capfd: pytest.CaptureFixture[str], args: list[str], shown: str
+) -> None:
+    code, _, err = run_cli(capfd, *args)
+    assert code == 2 and shown in err and "Traceback" not in err
+
+
+def test_settings_print_values_as_they_are(capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINTUNE_DATA_DIR", "/data/:cat:/[old]/x")  # was printed as "/data/🐱//x"
+    code, out, _ = run_cli(capfd, "settings")
+    assert code == 0 and "data_dir: /data/:cat:/[old]/x" in out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from fintune.cli._app import app, err_console
+from fintune.cli._app import app, err_console, labelled
 from fintune.errors import FinTuneError
 
 # Importing a commands module registers its commands on `app`.
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="fintune", standalone_mode=True)
     except FinTuneError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(labelled("error:", "bold red", str(exc)), highlight=False, soft_wrap=True)
         return _exit(exc.exit_code, argv)
     except SystemExit as exc:  # standalone mode always ends here: 0 after a command, 2 after a usage error
         return _exit(_exit_code(exc.code), argv)

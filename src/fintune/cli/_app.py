@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from fintune.errors import ArtifactError
 
@@ -25,9 +26,16 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-# Piped output (make run, CI logs) gets 120 columns instead of rich's 80, so tables are not truncated.
-console = Console(width=None if sys.stdout.isatty() else 120)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+# Piped output (make run, CI logs) gets 120 columns instead of rich's 80, so tables are not truncated. No markup
+# nor emoji codes: what is printed holds paths and values as given, and "[/a]" or ":cat:" in one was read as a
+# style tag (a MarkupError traceback, or a path shown without its "[final]") or turned into an emoji.
+console = Console(width=None if sys.stdout.isatty() else 120, markup=False, emoji=False)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 120, markup=False, emoji=False)
+
+
+def labelled(label: str, style: str, message: str) -> Text:
+    """``label`` in ``style`` ("error:" in bold red), then ``message`` exactly as given."""
+    return Text.assemble((label, style), " ", message)
 
 ProfileOption = Annotated[
     str | None,

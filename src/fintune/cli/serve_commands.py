@@ -23,7 +23,7 @@ import typer
 from pydantic import ValidationError
 from tqdm import tqdm
 
-from fintune.cli._app import ServedProfileOption, app, console, err_console, output_file
+from fintune.cli._app import ServedProfileOption, app, console, err_console, labelled, output_file
 from fintune.cli.inputs import read_texts
 from fintune.config import ScaleSettings, Settings, available_profiles, load_settings, profile_path
 from fintune.errors import ConfigError, IncompleteRunError, InvalidInputError, ServingError
@@ -221,9 +221,9 @@ def _warn_if_untrained(settings: Settings) -> None:
 
     folder = model_dir(settings)
     if settings.serving.model_dir is None and not (folder / CARD_FILE).is_file():  # a named folder must hold one
-        err_console.print(
-            f"[yellow]warning:[/] {folder} holds no trained model: the untrained {settings.model.base_model} "
-            f"answers (version base-untuned); train one with `fintune train --profile {settings.profile}`",
+        err_console.print(labelled(
+            "warning:", "yellow", f"{folder} holds no trained model: the untrained {settings.model.base_model} "
+            f"answers (version base-untuned); train one with `fintune train --profile {settings.profile}`"),
             highlight=False, soft_wrap=True,
         )
 
