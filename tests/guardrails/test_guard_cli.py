@@ -26,12 +26,14 @@ def test_guard_text_prints_one_result(capsys: pytest.CaptureFixture[str]) -> Non
 def test_guard_jsonl_prints_one_result_per_line_in_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     texts = ["call 201.555.0123", "Profit rose 12 % to EUR 3.1 mn in Q3 2009.", "mail li.wang@example.org"]
     source = tmp_path / "in.jsonl"
-    source.write_text("\n".join(json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)) + "\n\n")
+    source.write_text("\n".join(json.dumps({"id": f"r{i}", "text": t}) for i, t in enumerate(texts)) + "\n\n"
+                      + json.dumps("SSN 536-22-8145") + "\n")  # after a blank line: line 5, no id of its own
     assert main(["guard", "--jsonl", str(source)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [json.loads(line)["redacted_text"] for line in lines] == [
-        "call <PHONE_NUMBER>", texts[1], "mail <EMAIL_ADDRESS>"
+        "call <PHONE_NUMBER>", texts[1], "mail <EMAIL_ADDRESS>", "SSN <US_SSN>"
     ]
+    assert [json.loads(line)["id"] for line in lines] == ["r0", "r1", "r2", "5"]  # matched to its input line
 
 
 def test_bad_jsonl_line_names_the_line_not_its_pii(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,6 +101,43 @@ def test_guard_eval_refuses_an_unknown_subset_before_measuring(
     assert not (tmp_path / "new").exists()  # no folder made for a run that never started
 
 
+@pytest.fixture
+def guard_never_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make loading the guard fail the test: what is checked must be checked before that slow step."""
+    import fintune.cli.guard_commands as commands
+
+    def no_guard(settings: object) -> None:
+        raise AssertionError("the guard loaded before the input was checked")
+
+    monkeypatch.setattr(commands, "_guard", no_guard)
+
+
+def test_guard_eval_refuses_a_malformed_data_file_before_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], guard_never_loads: None
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Sentences_50Agree.txt").write_text("Sales rose .@positive\nno label on this line\n", encoding="latin-1")
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(data))
+    output = tmp_path / "eval.json"
+    # was exit 0, the file skipped as 'not available', and the latency judged on synthetic texts instead
+    assert main(["guard-eval", "--output", str(output)]) == 2
+    assert "Sentences_50Agree.txt" in capsys.readouterr().err and not output.exists()
+
+
+def test_guard_eval_without_data_says_so_and_fails_when_the_subset_was_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], guard_never_loads: None
+) -> None:
+    import fintune.cli.guard_commands as commands
+
+    monkeypatch.setenv("FINTUNE_DATA_DIR", str(tmp_path))  # an empty folder: no PhraseBank
+    settings = commands.load_settings(None)
+    assert commands._clean_sentences(settings, "50agree", required=False)["texts"] == []
+    assert "warning: no clean PhraseBank sentences" in capsys.readouterr().err  # was silent
+    assert main(["guard-eval", "--subset", "50agree", "--output", str(tmp_path / "eval.json")]) == 2
+    assert "Financial PhraseBank not found" in capsys.readouterr().err
+
+
 def test_guard_eval_writes_figures_with_provenance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -131,14 +170,8 @@ def test_guard_eval_writes_figures_with_provenance(
 
 
 def test_an_unreadable_jsonl_file_fails_before_the_guard_loads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], guard_never_loads: None
 ) -> None:
-    import fintune.cli.guard_commands as commands
-
-    def no_guard(settings: object) -> None:
-        raise AssertionError("the guard was loaded for a file that cannot be read")
-
-    monkeypatch.setattr(commands, "_guard", no_guard)
     assert main(["guard", "--jsonl", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl does not exist" in capsys.readouterr().err
     (tmp_path / "blank.jsonl").write_text("\n  \n", encoding="utf-8")

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from fintune.cli._app import ProfileOption, app, console, output_file
+from fintune.cli._app import ProfileOption, app, console, err_console, labelled, output_file
 from fintune.cli.inputs import read_jsonl
 from fintune.config import Settings, load_settings
 from fintune.data import check_subset, find_source, load_examples
-from fintune.errors import DataError, GuardrailError
+from fintune.errors import DataNotFoundError, GuardrailError
 from fintune.provenance import command_line, provenance
 
 if TYPE_CHECKING:
@@ -50,19 +50,21 @@ def guard_command(
     text_column: Annotated[str, typer.Option(help="Key holding the text in --jsonl objects.")] = "text",
     profile: ProfileOption = None,
 ) -> None:
-    """Mask PII and print one GuardrailResult as JSON per input (one line per --jsonl line, in order)."""
+    """Mask PII and print one GuardrailResult as JSON per input. With --jsonl: one line per non-blank input line,
+    in order, each with the input's "id" (its line number when it has none), as classify writes them."""
     if (text is None) == (jsonl is None):
         raise GuardrailError("give either TEXT or --jsonl FILE (exactly one of them)")
     # a bad file fails before the slow guard load, read as `fintune classify --input` reads a .jsonl
-    texts = None if jsonl is None else [line_text for _, line_text in read_jsonl(jsonl, text_column)]
-    if texts == []:
+    rows = None if jsonl is None else list(read_jsonl(jsonl, text_column))
+    if rows == []:
         raise GuardrailError(f"{jsonl} holds no text to guard")
     guard = _guard(load_settings(profile))
-    if texts is None:
+    if rows is None:
         typer.echo(guard.redact(str(text)).to_json())
         return
-    for result in guard.redact_batch(texts):
-        typer.echo(result.to_json())
+    # with its id: blank lines are skipped, so without one a result could not be matched to its line
+    for (row_id, _), result in zip(rows, guard.redact_batch([row_text for _, row_text in rows]), strict=True):
+        typer.echo(json.dumps({"id": row_id, **json.loads(result.to_json())}, ensure_ascii=False))
 
 
 @app.command("guard-eval")
@@ -85,13 +87,16 @@ def guard_eval_command(
     profile: ProfileOption = None,
 ) -> None:
     """Recall and leak rate on synthetic PII (dev and held-out eval templates), clean sentences altered, latency."""
+    from fintune.evaluation import write_json  # deferred, as the guard is: matplotlib and scikit-learn
     from fintune.guardrails import evaluation as guard_eval
 
     settings = load_settings(profile)
     # a typo is a usage error, not a report without its clean-sentence figures (and no folder made for it)
+    named = subset is not None
     subset = check_subset(settings.data.subset if subset is None else subset)
     target = output_file(output or settings.output_dir / "guardrails" / "guard_eval.json")
     config = settings.guardrails
+    clean = _clean_sentences(settings, subset, required=named)  # before the slow guard load
     guard = _guard(settings)
     report: dict[str, Any] = {
         "provenance": provenance(command_line(), GUARD_PACKAGES),
@@ -101,7 +106,6 @@ def guard_eval_command(
     for split in ("dev", "eval"):
         cases = guard_eval.build_cases(split, config.eval_samples_per_template, config.eval_seed)
         report[f"synthetic_{split}"] = guard_eval.score_cases(guard, cases)
-    clean = _clean_sentences(settings, subset)
     report["data"] = clean["data"]
     texts = clean["texts"] or [c.text for c in guard_eval.build_cases("eval", 1, config.eval_seed)]
     if clean["texts"]:
@@ -111,18 +115,25 @@ def guard_eval_command(
     report["targets"] = _targets(report)
     if compare_defaults:
         report["presidio_defaults"] = _presidio_defaults(settings, clean["texts"], texts)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(target, report)
     console.print(_summary_table(report))
     console.print(f"written to {target}")
 
 
-def _clean_sentences(settings: Settings, subset: str) -> dict[str, Any]:
-    """PhraseBank sentences (at most ``eval_clean_sentences``, 0 = all) and their fingerprint, or why none."""
+def _clean_sentences(settings: Settings, subset: str, required: bool) -> dict[str, Any]:
+    """PhraseBank sentences (at most ``eval_clean_sentences``, 0 = all) and their fingerprint, or why none.
+
+    Data that is not there is skipped, with a warning (the synthetic figures need none), unless ``required`` (a
+    ``--subset`` named); a data file that is there but malformed is always an error: skipping it silently judged
+    the latency targets on other texts."""
     try:
         examples = load_examples(settings, subset)
         source = find_source(settings, subset)
-    except DataError as exc:
+    except DataNotFoundError as exc:
+        if required:
+            raise
+        err_console.print(labelled("warning:", "yellow", f"no clean PhraseBank sentences, so no 'altered' figure "
+                                   f"and latency on synthetic texts: {exc}"), highlight=False, soft_wrap=True)
         return {"texts": [], "data": {"skipped": f"Financial PhraseBank not available: {exc}"}}
     limit = settings.guardrails.eval_clean_sentences or len(examples)
     texts = [example.text for example in examples[:limit]]
