@@ -177,3 +177,16 @@ def test_an_unreadable_jsonl_file_fails_before_the_guard_loads(
     (tmp_path / "blank.jsonl").write_text("\n  \n", encoding="utf-8")
     assert main(["guard", "--jsonl", str(tmp_path / "blank.jsonl")]) == 2  # not a silent exit 0
     assert "blank.jsonl holds no text to guard" in capsys.readouterr().err
+
+
+def test_guard_reads_a_pipe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import threading
+
+    pipe = tmp_path / "requests.pipe"  # as /dev/stdin or <(...) are: not a regular file, said not to exist
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=('{"text": "mail li.wang@example.org"}\n',), daemon=True)
+    writer.start()
+    assert main(["guard", "--jsonl", str(pipe)]) == 0
+    writer.join(10)
+    assert json.loads(capsys.readouterr().out)["redacted_text"] == "mail <EMAIL_ADDRESS>"

@@ -89,10 +89,11 @@ def read_jsonl(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
 
 
 def _check_file(path: Path) -> None:
-    """InvalidInputError unless ``path`` is an existing file."""
+    """InvalidInputError unless ``path`` is something to read: a file, or a pipe (``/dev/stdin``, ``<(...)``),
+    which ``is_file`` said did not exist."""
     if path.is_dir():
         raise InvalidInputError(f"input {path} is a folder, not a file: name a .txt, .csv or .jsonl file")
-    if not path.is_file():
+    if not path.exists():
         raise InvalidInputError(f"input file {path} does not exist")
 
 
