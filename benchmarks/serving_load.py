@@ -104,8 +104,10 @@ def free_port() -> int:
 
 @contextmanager
 def service(profile: str, log_name: str, **overrides: str) -> Iterator[str]:
-    """`fintune serve --profile P` on a free loopback port with FINTUNE_* overrides; yields its URL when ready."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINTUNE_")}
+    """`fintune serve --profile P` on a free loopback port with FINTUNE_* overrides (over this process's own
+    FINTUNE_* variables, which the provenance records and the server therefore gets too); yields its URL when
+    ready."""
+    env = dict(os.environ)
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "FINTUNE_SERVING__ACCESS_LOG": "false"}
     env |= {f"FINTUNE_{k.upper()}": v for k, v in overrides.items()}
@@ -273,13 +275,15 @@ def fault_run(profile: str, texts: list[str], clients: int, seconds: float, faul
               trial_slack_s: float = 1.0, **common: str) -> dict[str, Any]:
     """``seconds`` at ``clients`` clients while the model fails a share (``faults["rate"]``) of its batches between
     ``faults["start_s"]`` and ``faults["stop_s"]`` after it got ready."""
-    recovery_timeout = load_settings(profile).reliability.recovery_timeout_s
     print(f"fault run: {profile}, {clients} clients, {seconds:.0f} s, faults {faults['rate']:.0%} of model calls "
           f"from {faults['start_s']:.0f} s to {faults['stop_s']:.0f} s after ready", flush=True)
     overrides = common | {f"serving__faults__{key}": str(value) for key, value in faults.items()}
     with service(profile, f"{profile}-faults", **overrides) as url:
         ready_at = time.perf_counter()  # faults are counted from the moment the model got ready (about now)
         model = served_model(url)
+        # the server's own timeout: --set and FINTUNE_* overrides included, which this process's settings lack
+        recovery_timeout = httpx.get(url + "/metrics/json", timeout=10).json()["serving"]["breaker"][
+            "recovery_timeout_s"]
         result, t0 = asyncio.run(fault_load(url, texts, clients, seconds, settle_s=recovery_timeout + 30))
         # after the load no model call is made, so the snapshot's last fault is the run's last
         snapshot, read_at_s = metrics_snapshot(url, t0)
@@ -402,6 +406,8 @@ def read_result(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not JSON ({exc}); pass a result file of this script") from None
     if not isinstance(result, dict) or not {"provenance", "profiles"} <= result.keys():
         raise ArtifactError(f"{path} holds no 'provenance' and 'profiles': not a result file of this script")
+    if not result["profiles"]:  # a --fault-only run: two empty axes and exit 0 otherwise
+        raise ArtifactError(f"{path} holds no load levels (a --fault-only run): there is nothing to plot")
     return result
 
 

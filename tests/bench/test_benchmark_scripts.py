@@ -118,6 +118,23 @@ def test_injection_on_but_no_fault_yet_gives_no_last_fault(serving_load: ModuleT
     assert serving_load.last_fault_at(snapshot({"injected": 1, "last_fault_age_s": 0.5}), 40.0) == 39.5
 
 
+@pytest.mark.slow
+def test_the_servers_get_the_fintune_variables_the_provenance_records(
+    serving_load: ModuleType, tiny_data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    monkeypatch.setattr(serving_load, "LOG_DIR", tmp_path / "logs")
+    for name, value in {"DATA_DIR": tiny_data_dir, "OUTPUT_DIR": tmp_path / "out", "CACHE_DIR": tmp_path / "cache",
+                        "RELIABILITY__RECOVERY_TIMEOUT_S": 7}.items():
+        monkeypatch.setenv(f"FINTUNE_{name}", str(value))
+    recorded = prov.provenance("pytest", packages=("fintune",))["environment"]
+    with serving_load.service("tiny-mistral", "env-check") as url:  # a real `fintune serve`
+        served = httpx.get(url + "/metrics/json", timeout=10).json()["serving"]["breaker"]["recovery_timeout_s"]
+    # the servers were started without them: the file said one thing and the figures came from another
+    assert recorded["FINTUNE_RELIABILITY__RECOVERY_TIMEOUT_S"] == "7" and served == 7.0
+
+
 # ---- serving_load: the load levels -----------------------------------------------------------------------------
 def test_tally_summary_reports_percentiles_of_the_answers(serving_load: ModuleType) -> None:
     tally = serving_load.Tally(latencies_s=[0.1, 0.2, 0.3])
@@ -313,6 +330,14 @@ def test_command_line_keeps_a_scripts_path_when_asked(monkeypatch: pytest.Monkey
     monkeypatch.setattr(sys, "argv", ["benchmarks/serving_load.py", "--seconds", "5"])
     assert prov.command_line(keep_path=True) == "python benchmarks/serving_load.py --seconds 5"
     assert prov.command_line() == "serving_load.py --seconds 5"  # the CLI's form: the program's name
+
+
+def test_plot_only_refuses_a_fault_only_result(serving_load: ModuleType, tmp_path: Path) -> None:
+    faults_only = BENCHMARKS / "results" / "serving_faults_cpu_epyc_avx2_2026-12-03.json"
+    from fintune.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="no load levels .*nothing to plot"):  # drew two empty axes, exit 0
+        serving_load.read_result(faults_only)
 
 
 # ---- one readable line for a configuration error ---------------------------------------------------------------
