@@ -260,6 +260,30 @@ def test_what_a_process_saw_during_an_outage_joins_the_shared_record_when_redis_
     assert any("joined the shared one (state open" in r.getMessage() for r in caplog.records)
 
 
+def test_a_state_carried_through_an_outage_does_not_overrule_the_fleet(redis_url: str) -> None:
+    key, clock = f"test:{uuid.uuid4()}", ManualClock()
+    storage = RedisStorage.from_url(redis_url, key, retry_interval_s=0.0)
+    breaker = CircuitBreaker(storage=storage, failure_threshold=2, recovery_timeout_s=30.0, clock=clock)
+    other = breaker_on(redis_url, key, clock, failure_threshold=2, recovery_timeout_s=30.0)
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            breaker.call(failing)  # the fleet's breaker opens
+    reachable = storage.client.pipeline
+
+    def outage(*args: object, **kwargs: object) -> object:
+        raise redis.ConnectionError("network partition")
+
+    storage.client.pipeline = outage  # type: ignore[method-assign]
+    with pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "answer")  # this process saw nothing new: it only carries the OPEN it had
+    clock.now += 31
+    assert [other.call(lambda: "answer") for _ in range(3)] == ["answer"] * 3  # the fleet recovers meanwhile
+    assert other.state is BreakerState.CLOSED
+    storage.client.pipeline = reachable  # type: ignore[method-assign]
+    assert breaker.state is BreakerState.CLOSED  # the stale OPEN used to reopen the fleet's breaker (half_open now)
+    assert other.state is BreakerState.CLOSED and breaker.call(lambda: "answer") == "answer"
+
+
 def test_settings_choose_the_redis_storage_and_its_key(redis_url: str) -> None:
     settings = ReliabilitySettings(breaker_storage="redis", redis_url=redis_url)
     breaker = CircuitBreaker.from_settings(settings)
@@ -328,6 +352,31 @@ def test_call_async_waits_for_a_held_lock_without_stalling_the_event_loop(redis_
 
     result, longest_stall = asyncio.run(main())
     assert result == "answer" and longest_stall < 0.3  # was the whole wait: the loop polled Redis in time.sleep
+
+
+def test_a_call_async_cancelled_while_admitted_hands_its_trial_slot_back(redis_url: str) -> None:
+    key, clock = f"test:{uuid.uuid4()}", ManualClock()
+    breaker = breaker_on(redis_url, key, clock, failure_threshold=1, recovery_timeout_s=30.0, half_open_max_calls=1)
+    with pytest.raises(ConnectionError):
+        breaker.call(failing)
+    clock.now += 31  # the next call is the one HALF_OPEN trial
+    redis.Redis.from_url(redis_url).set(f"{key}:lock", "another-process", px=300)
+
+    async def answer() -> str:
+        return "answer"
+
+    async def main() -> str:
+        with pytest.raises(TimeoutError):  # the caller gives up while its admission waits for the lock
+            await asyncio.wait_for(breaker.call_async(answer), 0.05)
+        await asyncio.sleep(0.4)  # the lock expires, the admission goes on in its thread and takes the slot
+        for _ in range(100):  # ... which is then handed back
+            await asyncio.sleep(0.05)
+            if not json.loads(redis.Redis.from_url(redis_url).get(key))["trial_starts"]:
+                break
+        return await breaker.call_async(answer)
+
+    assert asyncio.run(main()) == "answer"  # was CircuitOpenError for 30 s: the slot held for nobody
+    assert breaker.state is BreakerState.CLOSED
 
 
 def call_after(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -343,31 +344,54 @@ def test_after_a_failed_background_reload_the_next_load_runs_aside_too() -> None
     assert recovery.call(lambda m: m.predict("x")) == "positive" and breaker.state is BreakerState.CLOSED
 
 
-def test_two_out_of_memory_errors_racing_for_the_lock_start_one_background_reload() -> None:
-    loader = Loader(GoodModel())
-    recovery = RecoveryManager(loader, RecoverySettings(), sleep=lambda s: None, reload_in_background=True,
-                               model=GoodModel())
+def race_for_the_reload_lock(recovery: RecoveryManager, caller: Callable[[], None]) -> None:
+    """Run ``caller`` in two threads that both pass every check made outside the reload lock before either takes
+    it, with the reload thread they start scheduled only once both are done; return when every reload ended."""
     started = threading.Event()
     reload_now = recovery._reload_then_resume
 
-    def scheduled_late(*args: object) -> None:  # the reload thread runs only once both callers are done
+    def scheduled_late(*args: object) -> None:
         started.wait(10)
         reload_now(*args)
 
     recovery._reload_then_resume = scheduled_late  # type: ignore[method-assign]
-    outcomes: list[RecoveryOutcome] = []
-    with recovery._reload_lock:  # both callers have passed every check made outside the lock
-        callers = [threading.Thread(target=lambda: outcomes.append(recovery.handle_oom(MemoryError(), 0)))
-                   for _ in range(2)]
-        for caller in callers:
-            caller.start()
+    with recovery._reload_lock:
+        callers = [threading.Thread(target=caller) for _ in range(2)]
+        for thread in callers:
+            thread.start()
         time.sleep(0.2)
-    for caller in callers:
-        caller.join(10)
+    for thread in callers:
+        thread.join(10)
     started.set()
-    for _ in range(600):
-        if not recovery.reloading:
-            break
-        time.sleep(0.02)
+    for thread in threading.enumerate():
+        if thread.name == "fintune-model-reload":
+            thread.join(10)
+
+
+def test_two_out_of_memory_errors_racing_for_the_lock_start_one_background_reload() -> None:
+    loader = Loader(GoodModel())
+    recovery = RecoveryManager(loader, RecoverySettings(), sleep=lambda s: None, reload_in_background=True,
+                               model=GoodModel())
+    outcomes: list[RecoveryOutcome] = []
+    race_for_the_reload_lock(recovery, lambda: outcomes.append(recovery.handle_oom(MemoryError(), 0)))
     assert sorted(next(iter(o.details)) for o in outcomes) == ["already_reloading", "reloading_in_background"]
     assert loader.loads == 1  # was 2: the second caller found the generation unchanged and reloaded again
+
+
+def test_two_callers_after_a_failed_background_reload_start_one_reload_aside() -> None:
+    clock = ManualClock()
+    loader = Loader(GoodModel())
+    recovery = RecoveryManager(loader, RecoverySettings(oom_backoff_max_s=10.0), sleep=lambda s: None, clock=clock,
+                               reload_in_background=True)
+    recovery._failed_at = 0.0  # a reload failed, no model, no breaker: one retry per backoff cap
+    clock.now = 11.0
+    refused: list[str] = []
+
+    def use_the_model() -> None:
+        with pytest.raises(RecoveryError) as caught:
+            recovery.model  # noqa: B018
+        refused.append(str(caught.value))
+
+    race_for_the_reload_lock(recovery, use_the_model)
+    assert len(refused) == 2 and all("being reloaded" in message for message in refused)
+    assert loader.loads == 1  # was 2: the second caller found the generation unchanged and started another

@@ -278,7 +278,7 @@ class CircuitBreaker:
         """Await ``fn(*args, **kwargs)`` under the breaker (asyncio); same rules as :meth:`call`. With a shared
         storage the record's transactions run in a worker thread: their Redis round trips, and the wait for a
         lock another process holds (up to its timeout), would otherwise stall the event loop."""
-        permit = await self._on_storage(self._admit)
+        permit = await self._admit_async()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -286,6 +286,26 @@ class CircuitBreaker:
             raise
         await self._on_storage(self._record_return, permit)
         return result
+
+    async def _admit_async(self) -> _Permit:
+        """:meth:`_admit` for :meth:`call_async`. In a thread with a shared storage, which goes on when the caller
+        is cancelled meanwhile: the slot it may then still admit (a HALF_OPEN trial) is handed back, or it would be
+        held until the trial timeout with nobody to answer it."""
+        if not self.storage.shared:
+            return self._admit()
+        admitted = asyncio.ensure_future(asyncio.to_thread(self._admit))
+        try:
+            return await asyncio.shield(admitted)
+        except asyncio.CancelledError:
+            admitted.add_done_callback(self._hand_back)
+            raise
+
+    def _hand_back(self, admitted: asyncio.Future[_Permit]) -> None:
+        """Release the slot an admission admitted after its caller was cancelled (off the loop: a transaction)."""
+        if admitted.cancelled() or admitted.exception() is not None:  # rejected, or never ran: nothing held
+            return
+        threading.Thread(target=self._record_error, args=(admitted.result(), asyncio.CancelledError()),
+                         name="fintune-breaker-hand-back", daemon=True).start()
 
     async def _on_storage(self, step: Callable[..., T], *args: Any) -> T:
         """Run one of the record's steps: here with memory storage (microseconds), in a thread with a shared one."""

@@ -160,7 +160,8 @@ class RecoveryManager(Generic[M]):
             with self._reload_lock:
                 if self._model is None and generation == self._generation:  # nobody tried meanwhile
                     if self._background and self._failed_at is not None:  # never in the caller's thread
-                        self._reload_aside("load after a failed reload", event="reload")
+                        if not self._reloading.is_set():  # checked under the lock: one reload at a time
+                            self._reload_aside("load after a failed reload", event="reload")
                     elif not self._reloading.is_set():
                         self._reload("load after a failed reload" if self.history else "initial load",
                                      event="reload")

@@ -335,7 +335,9 @@ def merged_after_outage(shared: BreakerRecord, own: BreakerRecord, start: Breake
         added = count - start.transitions.get(key, 0)
         if added > 0:
             merged.transitions[key] = merged.transitions.get(key, 0) + added
-    if _GRAVITY[own.state] > _GRAVITY[shared.state]:
+    # only a state this process reached during the outage: one it carried in from before was the fleet's, and the
+    # fleet may have moved on (a stale OPEN would reopen a breaker others have closed since)
+    if own.generation != start.generation and _GRAVITY[own.state] > _GRAVITY[shared.state]:
         merged.state, merged.opened_at = own.state, own.opened_at
         merged.consecutive_failures = own.consecutive_failures
         merged.trials_admitted = merged.trials_succeeded = 0  # trials start afresh in the new generation
