@@ -347,7 +347,7 @@ class GuardrailSettings(Section):
         default_factory=lambda: dict(DEFAULT_SCORE_THRESHOLDS),
         description="Minimum detection score per entity type. Per type because one global threshold above 0.4 "
         "silently drops bank and phone numbers, whose base scores are low until a context word lifts them. The "
-        "types given replace their defaults; the others keep theirs.",
+        "types given replace their defaults; the others keep theirs. {}: every type at default_score_threshold.",
     )
     phone_regions: list[str] = Field(
         default_factory=lambda: ["US", "GB", "DE", "FI", "FR", "SE", "CA", "IE", "NL"],
@@ -377,8 +377,9 @@ class GuardrailSettings(Section):
     @classmethod
     def _over_the_defaults(cls, value: Any) -> Any:
         """The thresholds given, over the defaults: ``{US_SSN: 0.9}`` used to drop every other type's default
-        (ACCOUNT_NUMBER's 0.5 became default_score_threshold's 0.4)."""
-        return {**DEFAULT_SCORE_THRESHOLDS, **value} if isinstance(value, dict) else value
+        (ACCOUNT_NUMBER's 0.5 became default_score_threshold's 0.4). An empty mapping stays empty: every type at
+        ``default_score_threshold``."""
+        return {**DEFAULT_SCORE_THRESHOLDS, **value} if isinstance(value, dict) and value else value
 
 
 class RecoverySettings(Section):
@@ -762,6 +763,8 @@ class _ProfileLoader(yaml.SafeLoader):
         """The mapping, or a YAML error at the repeated or non-text key."""
         seen: set[Any] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged by the safe loader itself
+                continue
             key = self.construct_object(key_node, deep=True)
             problem = ("is not text: quote it" if not isinstance(key, str)
                        else "is given twice" if key in seen else None)

@@ -221,6 +221,13 @@ def test_a_profile_file_read_wrongly_before_is_refused(tmp_path: Path, content: 
         load_settings(str(profile))
 
 
+def test_a_profile_may_use_yaml_anchors_and_merge_keys(tmp_path: Path) -> None:
+    profile = tmp_path / "anchored.yaml"  # valid YAML that the duplicate-key check first refused
+    profile.write_text("serving:\n  faults:\n    <<: {rate: 0.5, seed: 1}\n    seed: 3\n")
+    faults = load_settings(str(profile)).serving.faults
+    assert faults is not None and (faults.rate, faults.seed) == (0.5, 3)  # the explicit key wins, as in YAML
+
+
 def test_a_profile_may_name_itself(tmp_path: Path) -> None:
     profile = tmp_path / "mine.yaml"
     profile.write_text("profile: mine\nseed: 3\n")

@@ -128,6 +128,12 @@ def test_brackets_around_a_value_stay_balanced(guard: PIIGuard, text: str, maske
     assert guard.redact_batch([text])[0].redacted_text == masked
 
 
+def test_a_long_number_of_no_card_issuer_is_no_card(guard: PIIGuard) -> None:
+    # Luhn alone passes one long number in ten: nanosecond timestamps and IDs became <CREDIT_CARD>
+    stamps = [f"batch finished at {1733500800000000000 + i} ns" for i in range(100)]
+    assert [r.redacted_text for r in guard.redact_batch(stamps)] == stamps
+
+
 def test_default_entity_set_is_pii_only() -> None:
     entities = set(GuardrailSettings().entities)
     assert entities == set(PII_ENTITIES)
@@ -192,6 +198,7 @@ def test_a_threshold_given_keeps_the_other_types_defaults() -> None:
     assert given == {**defaults, "US_SSN": 0.9} and given["ACCOUNT_NUMBER"] == 0.5  # was dropped, then 0.4
     with pytest.raises(ValueError, match="less than or equal to 1"):
         GuardrailSettings(score_thresholds={"US_SSN": 1.5})
+    assert GuardrailSettings(score_thresholds={}).score_thresholds == {}  # every type at default_score_threshold
 
 
 def test_missing_spacy_model_is_an_error_not_a_download(monkeypatch: pytest.MonkeyPatch) -> None:

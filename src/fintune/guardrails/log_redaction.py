@@ -65,14 +65,34 @@ def _extra_fields(record: logging.LogRecord) -> list[str]:
 
 
 def _redact_extra(record: logging.LogRecord, guard: PIIGuard) -> None:
-    """Mask PII in the text of every ``extra`` field (a formatter may print any of them). Each value is read
-    after its field's name, ``account: 0012345678``, since that name is the context word an account or routing
-    number needs: alone, ``0012345678`` is a number like any other and was logged as it was."""
+    """Mask PII in the text of every ``extra`` field (a formatter may print any of them). A field named for an
+    account or routing number (``account``, ``routing_number``) has its value read after its name too, since the
+    name is the context word such a number needs: alone, ``0012345678`` is a number like any other. Only those two
+    types are taken from that reading: any name is context to some recognizer ("check" to US bank numbers), and
+    ``check_ms=1733500000000`` must stay a duration."""
     for name in _extra_fields(record):
-        label = f"{name.replace('_', ' ')}: "
-        masked, found = mask(label + str(getattr(record, name)), guard)
+        value = str(getattr(record, name))
+        masked, found = mask(value, guard)
+        label = _number_label(name)
+        if not found and label and may_hold_pii(value):
+            labelled = guard.redact(label + value)
+            if set(labelled.pii_types) & _NAMED_BY_THEIR_FIELD and labelled.redacted_text.startswith(label):
+                masked, found = labelled.redacted_text.removeprefix(label), True
         if found:
-            setattr(record, name, masked.removeprefix(label))
+            setattr(record, name, masked)
+
+
+_NUMBER_WORDS = {"account", "acct", "routing", "aba", "rtn"}
+_ID_WORDS = {"number", "no", "num", "nr", "id"}
+_NAMED_BY_THEIR_FIELD = {"ACCOUNT_NUMBER", "ABA_ROUTING_NUMBER"}
+
+
+def _number_label(field: str) -> str | None:
+    """``"account number: "`` for a field named for an account or routing number (``account``, ``acct_no``,
+    ``routing_number``, ``account_id``), the context its value is read in; None for any other (``account_count``)."""
+    words = {word for word in re.split(r"[_\W]+", field.lower()) if word}
+    named = words & _NUMBER_WORDS
+    return f"{min(named)} number: " if named and words - _NUMBER_WORDS <= _ID_WORDS else None
 
 
 def may_hold_pii(text: str) -> bool:

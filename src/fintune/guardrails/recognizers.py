@@ -125,6 +125,9 @@ class DottedCardRecognizer(FinancialCreditCardRecognizer):
 _NOT_AFTER_A_NUMBER = r"(?<!\d)(?<!\d[\-.])"
 _NOT_BEFORE_A_NUMBER = r"(?!\d|[\-.]\d)"
 """No digit, nor a separator and a digit, on that side: the match is a whole number, not part of a longer one."""
+_LONG_CARD_ISSUER = r"(?=4|5[06-9]|6|35|220[0-4])"
+"""The issuers of 17-19 digit cards: Visa (4), Maestro (50, 56-69), UnionPay (62), Discover (6011, 64, 65), JCB (35)
+and Mir (2200-2204). Without it, Luhn alone passed one in ten long numbers (nanosecond timestamps, IDs)."""
 
 
 class LongCardRecognizer(FinancialCreditCardRecognizer):
@@ -132,9 +135,10 @@ class LongCardRecognizer(FinancialCreditCardRecognizer):
     short of: unbroken, or four groups of four and the rest; Luhn-checked like every card."""
 
     PATTERNS = [
-        Pattern("17-19 digits", rf"{_NOT_AFTER_A_NUMBER}\d{{17,19}}{_NOT_BEFORE_A_NUMBER}", 0.3),
+        Pattern("17-19 digits", rf"{_NOT_AFTER_A_NUMBER}{_LONG_CARD_ISSUER}\d{{17,19}}{_NOT_BEFORE_A_NUMBER}", 0.3),
         Pattern("4-4-4-4 and 1-3 more",
-                rf"{_NOT_AFTER_A_NUMBER}\d{{4}}([ \-])\d{{4}}\1\d{{4}}\1\d{{4}}\1\d{{1,3}}{_NOT_BEFORE_A_NUMBER}", 0.3),
+                rf"{_NOT_AFTER_A_NUMBER}{_LONG_CARD_ISSUER}\d{{4}}([ \-])\d{{4}}\1\d{{4}}\1\d{{4}}\1\d{{1,3}}"
+                rf"{_NOT_BEFORE_A_NUMBER}", 0.3),
     ]
 
     def __init__(self, supported_language: str = "en") -> None:
