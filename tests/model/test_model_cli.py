@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,6 +57,11 @@ def test_train_then_evaluate_writes_metrics_and_a_verdict(tiny_env: Path, capsys
     assert main(["evaluate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 2
     assert "calibration.temperature is 0, not a number above 0: refit it with `fintune calibrate" in (
         capsys.readouterr().err)
+    broken = tiny_env / "no-weights"  # a calibrate that fails must leave the card as it found it
+    shutil.copytree(model_dir, broken, ignore=shutil.ignore_patterns("checkpoints", "adapter_model.safetensors"))
+    assert main(["calibrate", "--profile", "tiny-mistral", "--model", str(broken)]) == 2
+    assert json.loads((broken / "fintune.json").read_text())["calibration"]["temperature"] == 0  # was erased
+    capsys.readouterr()
     assert main(["calibrate", "--profile", "tiny-mistral", "--model", str(model_dir)]) == 0  # which mends it
     assert json.loads((model_dir / "fintune.json").read_text())["calibration"]["temperature"] == pytest.approx(
         fitted, rel=0.01)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,15 @@ def test_a_run_whose_model_fails_exits_1_and_one_that_cannot_load_it_stops(
                                                      "complete": True}), encoding="utf-8")
     assert main([*args, "--model", str(broken)]) == 2  # not a file of baseline answers
     assert "the model did not load" in capfd.readouterr().err
+
+
+def test_classify_reads_a_pipe_as_text(tmp_path: Path) -> None:
+    pipe = tmp_path / "texts"  # /dev/stdin, <(...): no suffix to tell the format by ('unknown input format')
+    os.mkfifo(pipe)
+    writer = threading.Thread(target=pipe.write_text, args=("Net sales rose.\nProfit fell.\n",), daemon=True)
+    writer.start()
+    assert list(read_texts(pipe)) == [("1", "Net sales rose."), ("2", "Profit fell.")]
+    writer.join(10)
 
 
 def test_input_formats_and_their_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:

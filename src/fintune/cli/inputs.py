@@ -29,9 +29,12 @@ Presidio, a five-second import)."""
 
 
 def read_texts(path: Path, column: str = "text") -> Iterator[tuple[str, str]]:
-    """(id, text) pairs from a .txt, .csv or .jsonl file; ids default to the 1-based line or row number."""
+    """(id, text) pairs from a .txt, .csv or .jsonl file (a pipe, which has no suffix, read as .txt); ids default
+    to the 1-based line or row number."""
     _check_file(path)
     suffix = path.suffix.lower()
+    if not suffix and not path.is_file():  # /dev/stdin, <(...): a pipe has no name to tell its format by
+        suffix = ".txt"
     with io.StringIO(_utf8_text(path), newline="") as handle:
         if suffix == ".txt":
             yield from ((str(n), line.rstrip("\r\n")) for n, line in enumerate(handle, 1) if line.strip())

@@ -162,11 +162,11 @@ def calibrate_command(
             f"{splits.fingerprint[:16]}: its validation split is not here; calibrate it where it was trained"
         )
     try:
+        start = None  # the card's temperature
         card_temperature(card)
-    except ArtifactError:  # refit from 1.0: loading with the recorded one (0, NaN) would refuse the model
-        card = {key: value for key, value in card.items() if key != "calibration"}
-        write_json(model / CARD_FILE, card)
-    classifier = load_classifier(model, settings)
+    except ArtifactError:  # refit from 1.0: loading with the recorded one (0, NaN) would refuse the model; the
+        start = 1.0  # card is rewritten only once the fit succeeds
+    classifier = load_classifier(model, settings, temperature=start)
     qlora = card.get("backend", "qlora") == "qlora"
     # the sentences `fintune train` calibrated on: the QLoRA trainer honours the validation_limit it trained with
     trained_limit = card.get("model_settings", {}).get("training", {}).get("validation_limit")

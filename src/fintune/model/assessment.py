@@ -52,16 +52,17 @@ class Classifier(Protocol):
         ...
 
 
-def load_classifier(model_dir: Path, settings: Settings) -> Classifier:
-    """The trained model in ``model_dir``, QLoRA or encoder, as its card says (imports only what it needs)."""
+def load_classifier(model_dir: Path, settings: Settings, temperature: float | None = None) -> Classifier:
+    """The trained model in ``model_dir``, QLoRA or encoder, as its card says (imports only what it needs), with
+    its card's temperature unless ``temperature`` is given."""
     card = read_card(model_dir)
     if card.get("backend") == "encoder":
         from fintune.model.encoder import EncoderClassifier
 
-        return EncoderClassifier.from_pretrained(model_dir, settings)
+        return EncoderClassifier.from_pretrained(model_dir, settings, temperature)
     from fintune.model.inference import SentimentClassifier
 
-    return SentimentClassifier.from_pretrained(model_dir, settings)
+    return SentimentClassifier.from_pretrained(model_dir, settings, temperature=temperature)
 
 
 def memory_figures(classifier: Classifier) -> dict[str, float | None]:

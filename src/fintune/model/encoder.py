@@ -90,11 +90,14 @@ class EncoderClassifier:
         return cls(model, tokenizer, encoder)
 
     @classmethod
-    def from_pretrained(cls, model_dir: Path, settings: Settings) -> EncoderClassifier:
-        """A fine-tuned encoder saved by :func:`train_encoder`."""
+    def from_pretrained(
+        cls, model_dir: Path, settings: Settings, temperature: float | None = None
+    ) -> EncoderClassifier:
+        """A fine-tuned encoder saved by :func:`train_encoder`, with the card's temperature unless ``temperature``
+        is given."""
         card = read_card(model_dir)
         check_weights(model_dir, "encoder")
-        temperature = card_temperature(card)
+        temperature = card_temperature(card) if temperature is None else temperature
         encoder = settings.model.encoder
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

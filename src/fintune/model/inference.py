@@ -110,12 +110,13 @@ class SentimentClassifier:
 
     @classmethod
     def from_pretrained(
-        cls, model_dir: Path, settings: Settings, merge: bool | None = None
+        cls, model_dir: Path, settings: Settings, merge: bool | None = None, temperature: float | None = None
     ) -> SentimentClassifier:
-        """Load a trained adapter folder (written by ``fintune train``) onto its NF4 base."""
+        """Load a trained adapter folder (written by ``fintune train``) onto its NF4 base, scoring with the card's
+        temperature unless ``temperature`` is given (calibrate refits a card's unusable one from 1.0)."""
         card = read_card(model_dir)
         check_weights(model_dir, "qlora")
-        temperature = card_temperature(card)
+        temperature = card_temperature(card) if temperature is None else temperature
         model_settings = ModelSettings.model_validate(card["model_settings"])
         inference = settings.model.inference
         merge = inference.merge_adapter if merge is None else merge
