@@ -646,14 +646,6 @@ class ScaleSettings(Section):
         5.0, gt=0, description="How long the cluster at `address` may take to accept a connection before the run "
         "stops with an error (Ray itself keeps retrying for minutes).",
     )
-
-    @field_validator("address")
-    @classmethod
-    def _a_ray_address(cls, address: str | None) -> str | None:
-        """Only the forms ``ray.init`` takes: any other (``localhost``) was a ValueError traceback from Ray."""
-        if address is None or RAY_ADDRESS.fullmatch(address):
-            return address
-        raise ValueError(f"must be 'auto', 'ray://HOST:PORT' (a remote cluster) or 'HOST:PORT', not {address!r}")
     actors: int = Field(2, ge=1, description="Pipeline replicas (Ray actors); each loads the model once.")
     cpus_per_actor: float = Field(
         1.0, gt=0, description="CPUs Ray reserves for each actor; Ray also caps the actor's torch threads at it."
@@ -662,6 +654,14 @@ class ScaleSettings(Section):
     max_restarts: int = Field(
         2, ge=0, description="How often Ray restarts an actor that died and re-runs its chunk before giving up."
     )
+
+    @field_validator("address")
+    @classmethod
+    def _a_ray_address(cls, address: str | None) -> str | None:
+        """Only the forms ``ray.init`` takes: any other (``localhost``) was a ValueError traceback from Ray."""
+        if address is None or RAY_ADDRESS.fullmatch(address):
+            return address
+        raise ValueError(f"must be 'auto', 'ray://HOST:PORT' (a remote cluster) or 'HOST:PORT', not {address!r}")
 
 
 class Settings(BaseSettings):

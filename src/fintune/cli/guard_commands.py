@@ -64,7 +64,7 @@ def guard_command(
         return
     # with its id: blank lines are skipped, so without one a result could not be matched to its line
     for (row_id, _), result in zip(rows, guard.redact_batch([row_text for _, row_text in rows]), strict=True):
-        typer.echo(json.dumps({"id": row_id, **json.loads(result.to_json())}, ensure_ascii=False))
+        typer.echo(json.dumps({"id": row_id, **result.model_dump()}, ensure_ascii=False))
 
 
 @app.command("guard-eval")

@@ -162,8 +162,8 @@ def calibrate_command(
             f"{splits.fingerprint[:16]}: its validation split is not here; calibrate it where it was trained"
         )
     try:
-        start = None  # the card's temperature
         card_temperature(card)
+        start = None  # the card's own
     except ArtifactError:  # refit from 1.0: loading with the recorded one (0, NaN) would refuse the model; the
         start = 1.0  # card is rewritten only once the fit succeeds
     classifier = load_classifier(model, settings, temperature=start)

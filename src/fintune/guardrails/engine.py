@@ -81,7 +81,7 @@ class PIIGuard:
         if not self.could_hold_pii(prepared):
             return []
         found = self.analyzer.analyze(text=prepared, language=self.settings.language, entities=self.settings.entities)
-        return without_stray_brackets(merge_overlaps(in_original(found, origin)), text)
+        return final_spans(found, origin, text)
 
     def detect_batch(self, texts: Sequence[str]) -> list[list[RecognizerResult]]:
         """:meth:`detect` for many texts, running spaCy once over those that could hold PII (``nlp.pipe``)."""
@@ -94,8 +94,7 @@ class PIIGuard:
                 entities=self.settings.entities, batch_size=self.settings.batch_size,
             )
             found = dict(zip(candidates, analysed, strict=True))
-        return [without_stray_brackets(merge_overlaps(in_original(found.get(index, []), prepared[index][1])), text)
-                for index, text in enumerate(texts)]
+        return [final_spans(found.get(index, []), prepared[index][1], text) for index, text in enumerate(texts)]
 
     def redact(self, text: str) -> GuardrailResult:
         """``text`` with every PII span replaced by its type (``<CREDIT_CARD>``), as a :class:`GuardrailResult`."""
@@ -183,6 +182,12 @@ def _plain(match: re.Match[str]) -> str:
     return char
 
 
+def final_spans(found: Iterable[RecognizerResult], origin: list[int] | None, text: str) -> list[RecognizerResult]:
+    """The spans to mask in ``text`` from what the recognizers found in its prepared copy: back in ``text``'s
+    offsets, overlaps merged, stray brackets left out."""
+    return without_stray_brackets(merge_overlaps(in_original(found, origin)), text)
+
+
 def without_stray_brackets(spans: list[RecognizerResult], text: str) -> list[RecognizerResult]:
     """``spans`` less a leading "(" whose ")" they do not hold, and a trailing ")" whose "(" they do not: the
     phone recognizers take a "(" before any number ("(617-555-0123)"), and masking it left "<PHONE_NUMBER>)"."""
@@ -213,12 +218,12 @@ def merge_overlaps(results: Iterable[RecognizerResult]) -> list[RecognizerResult
 
 def build_analyzer(settings: GuardrailSettings) -> AnalyzerEngine:
     """An analyzer holding only the configured entities' recognizers, each with its per-entity threshold."""
+    supported = supported_entities()  # builds every recognizer: once
     for field, names in (("entities", settings.entities), ("score_thresholds", settings.score_thresholds)):
-        unknown = sorted(set(names) - set(supported_entities()))
+        unknown = sorted(set(names) - set(supported))
         if unknown:  # a misspelt threshold (US_SNN) would leave the type it meant at the default
-            raise GuardrailError(
-                f"guardrails.{field} names types no recognizer detects: {unknown}; choose from {supported_entities()}"
-            )
+            raise GuardrailError(f"guardrails.{field} names types no recognizer detects: {unknown}; choose from "
+                                 f"{supported}")
     recognizers = build_recognizers(settings.entities, settings.phone_regions, settings.language)
     for recognizer in recognizers:
         recognizer.score_thresholds = {

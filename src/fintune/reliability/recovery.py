@@ -158,11 +158,11 @@ class RecoveryManager(Generic[M]):
         if self._model is None and not self._reloading.is_set() and self._retry_due():
             generation = self._generation
             with self._reload_lock:
-                if self._model is None and generation == self._generation:  # nobody tried meanwhile
+                # nobody tried meanwhile, and no reload runs (checked under the lock: one reload at a time)
+                if self._model is None and generation == self._generation and not self._reloading.is_set():
                     if self._background and self._failed_at is not None:  # never in the caller's thread
-                        if not self._reloading.is_set():  # checked under the lock: one reload at a time
-                            self._reload_aside("load after a failed reload", event="reload")
-                    elif not self._reloading.is_set():
+                        self._reload_aside("load after a failed reload", event="reload")
+                    else:
                         self._reload("load after a failed reload" if self.history else "initial load",
                                      event="reload")
         if self._reloading.is_set():
